@@ -1,0 +1,286 @@
+"""Configuration: nested dataclasses merged as defaults -> recipe YAML (with `defaults:` bases) -> CLI dotlist.
+
+OmegaConf struct mode makes an unknown key an error that names it. `validate` runs before any heavy work and
+says which key to change.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key and what to change."""
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    """Run directory: resolved config, metrics.jsonl, TensorBoard events, checkpoints."""
+    steps: int = 100
+    """Number of optimizer steps."""
+    seed: int = 0
+    """Seed of everything: weights, data order, per-sample noise and timesteps."""
+    log_every: int = 1
+    """Write a metrics line (and TensorBoard scalars) every this many steps."""
+    device: str = "auto"
+    """auto | cpu | cuda."""
+    samples_at_end: int = 2
+    """Videos generated with the EMA weights at the end of training and logged to TensorBoard (0: none)."""
+
+
+@dataclass
+class ModelConfig:
+    in_channels: int = 3
+    """Channels of the (latent or pixel) video the model denoises; 3 for the pixel-space demo."""
+    patch_size: list[int] = field(default_factory=lambda: [1, 2, 2])
+    """Spacetime patch (pt, ph, pw); each patch becomes one token."""
+    hidden_size: int = 64
+    """Transformer width."""
+    depth: int = 2
+    """Number of blocks (each: spatial + temporal self-attention, or one full self-attention; cross-attention; MLP)."""
+    num_heads: int = 4
+    """Attention heads; must divide hidden_size."""
+    mlp_ratio: float = 4.0
+    """MLP hidden width as a multiple of hidden_size."""
+    attention: str = "factorized"
+    """factorized (spatial then temporal self-attention per block) | full (one segment per video)."""
+    temporal_causal: bool = False
+    """Temporal attention sees only the same or earlier frames (factorized attention only)."""
+    attention_backend: str = "auto"
+    """auto | flash_attn | torch_varlen | reference: the varlen kernel; auto takes the first that runs here."""
+    qk_norm: bool = True
+    """RMS-normalise queries and keys per head (keeps attention logits bounded)."""
+    rope_theta: float = 10000.0
+    """Base of the 3D rotary position embedding."""
+    fps_conditioning: bool = True
+    """Add an fps embedding to the timestep embedding."""
+
+
+@dataclass
+class TextConfig:
+    kind: str = "t5"
+    """t5 (T5 encoder) | clip (CLIP text model)."""
+    path: str | None = None
+    """Local directory of a transformers model + tokenizer; null builds a small encoder with seeded random weights."""
+    hidden_size: int = 64
+    """Width of the random encoder (ignored when loading from path)."""
+    num_layers: int = 2
+    """Layers of the random encoder."""
+    num_heads: int = 4
+    """Heads of the random encoder."""
+    ff_size: int = 128
+    """Feed-forward width of the random encoder."""
+    max_length: int = 64
+    """Captions are truncated to this many tokens."""
+    seed: int = 0
+    """Seed of the random encoder's weights."""
+
+
+@dataclass
+class DiffusionConfig:
+    logit_mean: float = 0.0
+    """Mean of the logit-normal timestep distribution."""
+    logit_std: float = 1.0
+    """Std of the logit-normal timestep distribution."""
+    shift_base_tokens: int = 256
+    """Token count at which the timestep shift is 1; larger samples shift toward noise by sqrt(tokens / base)."""
+    max_shift: float = 4.0
+    """Upper bound of the resolution/length timestep shift."""
+    caption_dropout: float = 0.1
+    """Probability that a sample's caption is replaced by the empty caption (for classifier-free guidance)."""
+    sample_steps: int = 30
+    """Euler steps when sampling."""
+    cfg_scale: float = 4.0
+    """Classifier-free guidance scale when sampling (1: no guidance)."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"
+    """synthetic: procedurally generated moving shapes."""
+    num_samples: int = 1024
+    """Size of the synthetic dataset (samples per epoch)."""
+    resolutions: list[list[int]] = field(default_factory=lambda: [[16, 16], [16, 24], [24, 16], [24, 24]])
+    """(H, W) choices of the synthetic clips."""
+    frame_counts: list[int] = field(default_factory=lambda: [1, 4, 8])
+    """Frame-count choices of the synthetic clips (1 = image)."""
+    fps_choices: list[float] = field(default_factory=lambda: [8.0, 16.0])
+    """fps choices of the synthetic clips."""
+    batch_size: int = 8
+    """Samples per optimizer step (the global batch, whatever the parallel layout)."""
+    token_budget: int = 2048
+    """Tokens per micro-batch (fixed L of a packed sequence); a step is split into as many micro-batches as needed."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Cosine schedule ends at lr * min_lr_ratio."""
+    warmup_steps: int = 10
+    """Linear warmup steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0: no clipping)."""
+    ema_decay: float = 0.99
+    """EMA of the weights used for generation (0: EMA equals the weights)."""
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    """Tensor-parallel size."""
+    pp: int = 1
+    """Pipeline-parallel stages."""
+    cp: int = 1
+    """Context-parallel (Ulysses) size."""
+    zero: int = 0
+    """DeepSpeed ZeRO stage 0-3 over the data-parallel group."""
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0
+    """Write a checkpoint every this many steps (0: only at the end)."""
+    keep: int = 2
+    """Keep this many newest checkpoints."""
+    resume: str = "auto"
+    """auto (from run.dir's latest if any) | never | PATH to a checkpoint directory."""
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------------
+
+def _read_recipe(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
+    """Read a recipe, merging its `defaults:` list (paths relative to it, applied in order, then the recipe)."""
+    path = path.resolve()
+    if not path.is_file():
+        raise ConfigError(f"recipe {path} does not exist")
+    if path in seen:
+        raise ConfigError(f"recipe {path} includes itself through `defaults`")
+    raw = OmegaConf.load(path)
+    bases = raw.pop("defaults", []) if isinstance(raw, DictConfig) else []
+    merged = OmegaConf.create()
+    for base in bases:
+        base_path = Path(base) if Path(base).is_absolute() else path.parent / base
+        if base_path.suffix == "":
+            base_path = base_path.with_suffix(".yaml")
+        merged = OmegaConf.merge(merged, _read_recipe(base_path, seen + (path,)))
+    return OmegaConf.merge(merged, raw)
+
+
+def load_config(recipe: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Structured defaults -> recipe (with bases) -> `key=value` overrides, validated, as a Config object."""
+    cfg = OmegaConf.structured(Config)
+    OmegaConf.set_struct(cfg, True)
+    try:
+        if recipe is not None:
+            cfg = OmegaConf.merge(cfg, _read_recipe(Path(recipe)))
+        if overrides:
+            bad = [o for o in overrides if "=" not in o]
+            if bad:
+                raise ConfigError(f"overrides must be key=value, got {bad}")
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    except (ConfigAttributeError, ConfigKeyError) as e:
+        key = getattr(e, "full_key", None) or str(e).splitlines()[0]
+        raise ConfigError(f"unknown config key `{key}`: check its spelling against `stdit/config.py`") from None
+    except Exception as e:  # type errors from OmegaConf name the key too
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"bad config value: {str(e).splitlines()[0]} (key `{getattr(e, 'full_key', '?')}`)") from None
+    conf: Config = OmegaConf.to_object(cfg)
+    validate(conf)
+    return conf
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(to_yaml(cfg))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------------------
+
+def _check(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def patched_shape(cfg: ModelConfig, t: int, h: int, w: int) -> tuple[int, int, int]:
+    """Token grid of a (T, H, W) video under the model's patch size."""
+    pt, ph, pw = cfg.patch_size
+    return t // pt, h // ph, w // pw
+
+
+def validate(cfg: Config) -> None:
+    """Fail before any heavy work, naming the key and what to change."""
+    m, d, o, p = cfg.model, cfg.data, cfg.optim, cfg.parallel
+    _check(cfg.run.steps >= 1, "run.steps", f"must be >= 1, got {cfg.run.steps}")
+    _check(cfg.run.log_every >= 1, "run.log_every", f"must be >= 1, got {cfg.run.log_every}")
+    _check(cfg.run.device in ("auto", "cpu", "cuda"), "run.device", f"must be auto, cpu or cuda, got {cfg.run.device!r}")
+    _check(len(m.patch_size) == 3 and all(s >= 1 for s in m.patch_size), "model.patch_size",
+           f"must be three positive ints (pt, ph, pw), got {m.patch_size}")
+    _check(m.hidden_size % m.num_heads == 0, "model.num_heads",
+           f"{m.num_heads} heads do not divide model.hidden_size={m.hidden_size}; pick a divisor of it")
+    head_dim = m.hidden_size // max(m.num_heads, 1)
+    _check(head_dim % 2 == 0 and head_dim >= 6, "model.hidden_size",
+           f"head dim hidden_size/num_heads={head_dim} must be even and >= 6 for 3D RoPE")
+    _check(m.depth >= 1, "model.depth", f"must be >= 1, got {m.depth}")
+    _check(m.attention in ("factorized", "full"), "model.attention",
+           f"must be factorized or full, got {m.attention!r}")
+    _check(not (m.temporal_causal and m.attention == "full"), "model.temporal_causal",
+           "causal time needs model.attention=factorized (full attention is one bidirectional segment per video)")
+    _check(m.attention_backend in ("auto", "flash_attn", "torch_varlen", "reference"), "model.attention_backend",
+           f"must be auto, flash_attn, torch_varlen or reference, got {m.attention_backend!r}")
+    _check(cfg.text.kind in ("t5", "clip"), "text.kind", f"must be t5 or clip, got {cfg.text.kind!r}")
+    _check(0.0 <= cfg.diffusion.caption_dropout <= 1.0, "diffusion.caption_dropout", "must be in [0, 1]")
+    _check(cfg.diffusion.sample_steps >= 1, "diffusion.sample_steps", "must be >= 1")
+    _check(d.source == "synthetic", "data.source", f"only `synthetic` is available, got {d.source!r}")
+    _check(d.batch_size >= 1, "data.batch_size", f"must be >= 1, got {d.batch_size}")
+    _check(d.num_samples >= d.batch_size, "data.num_samples", f"must be >= data.batch_size={d.batch_size}")
+    for hw in d.resolutions:
+        _check(len(hw) == 2 and hw[0] % m.patch_size[1] == 0 and hw[1] % m.patch_size[2] == 0, "data.resolutions",
+               f"{hw} is not (H, W) divisible by the patch (ph, pw)={m.patch_size[1:]}")
+    for t in d.frame_counts:
+        _check(t >= 1 and t % m.patch_size[0] == 0, "data.frame_counts",
+               f"frame count {t} must be >= 1 and divisible by the temporal patch model.patch_size[0]={m.patch_size[0]}")
+    largest = max(math.prod(patched_shape(m, t, h, w)) for t in d.frame_counts for h, w in d.resolutions)
+    _check(d.token_budget >= largest, "data.token_budget",
+           f"{d.token_budget} tokens cannot hold the largest sample ({largest} tokens); raise it to >= {largest} "
+           "or drop the largest entries of data.resolutions / data.frame_counts")
+    _check(o.lr > 0, "optim.lr", "must be > 0")
+    _check(0.0 <= o.ema_decay < 1.0, "optim.ema_decay", "must be in [0, 1)")
+    _check(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    for key in ("tp", "pp", "cp"):
+        _check(getattr(p, key) >= 1, f"parallel.{key}", f"must be >= 1, got {getattr(p, key)}")
+    _check(p.zero in (0, 1, 2, 3), "parallel.zero", f"must be 0, 1, 2 or 3, got {p.zero}")
+    _check(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0")
+    _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")

@@ -1,0 +1,59 @@
+"""Euler sampling of the rectified-flow ODE with classifier-free guidance.
+
+The conditional and unconditional copies of every video are packed into one sequence, so one forward pass
+per step serves both (and any mix of shapes).
+"""
+from __future__ import annotations
+
+import torch
+
+from stdit.diffusion.rectified_flow import sample_generator, shift_t, timestep_shift
+from stdit.packing import grid_of, pack, unpack
+
+
+@torch.no_grad()
+def sample_videos(model, text_encoder, prompts: list[str], shapes: list[tuple[int, int, int]], model_cfg,
+                  diffusion_cfg, seed: int = 0, fps: float = 8.0, steps: int | None = None,
+                  cfg_scale: float | None = None, progress=None) -> list[torch.Tensor]:
+    """Generate one [C, T, H, W] video in [-1, 1]-ish per (prompt, (T, H, W)) from pure noise."""
+    steps = steps or diffusion_cfg.sample_steps
+    cfg_scale = diffusion_cfg.cfg_scale if cfg_scale is None else cfg_scale
+    guided = cfg_scale != 1.0
+    device = next(model.parameters()).device
+    patch = tuple(model_cfg.patch_size)
+    n = len(prompts)
+    texts = text_encoder.encode(list(prompts) + ([""] * n if guided else []))
+    placeholders = [torch.zeros(model_cfg.in_channels, *s) for s in shapes]
+    videos = placeholders + (placeholders if guided else [])
+    total = sum(v[0].numel() // (patch[0] * patch[1] * patch[2]) for v in videos)
+    batch = pack(videos, texts, [fps] * len(videos), patch, total).to(device)
+    token_dim = batch.tokens.shape[1]
+
+    x = torch.zeros(batch.offsets[n] if guided else total, token_dim, device=device)
+    shifts = []
+    for i, s in enumerate(shapes):
+        g = grid_of(s, patch)
+        num = g[0] * g[1] * g[2]
+        off = batch.offsets[i]
+        x[off:off + num] = torch.randn(num, token_dim, generator=sample_generator(seed, 0, i, "sample")).to(device)
+        shifts.append(timestep_shift(num, diffusion_cfg))
+    shifts = torch.tensor(shifts * (2 if guided else 1), device=device)
+
+    model.eval()
+    ts = torch.linspace(1.0, 0.0, steps + 1, device=device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    for k in range(steps):
+        t_cur, t_next = shift_t(ts[k], shifts), shift_t(ts[k + 1], shifts)         # per packed sample
+        t_frame = torch.cat([t_cur, t_cur.new_zeros(1)])[batch.frame_sample]
+        x_in = torch.cat([x, x]) if guided else x
+        with autocast:
+            v = model(x_in, t_frame, batch).float()
+        if guided:
+            v_cond, v_uncond = v[:x.shape[0]], v[x.shape[0]:]
+            v = v_uncond + cfg_scale * (v_cond - v_uncond)
+        dt = (t_next - t_cur)[batch.token_sample[:x.shape[0]]][:, None]
+        x = x + dt * v
+        if progress is not None:
+            progress.update(1)
+    full = torch.cat([x, x]) if guided else x
+    return [vid.float().cpu() for vid in unpack(full, batch)[:n]]

@@ -1,0 +1,74 @@
+"""Sampling to video files with the EMA weights of a run (or an exported checkpoint directory)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from parallel import checkpoint
+from stdit.config import load_config
+from stdit.data.video import to_uint8, write_video
+from stdit.diffusion.sampler import sample_videos
+from stdit.models.stdit import build_model
+from stdit.models.text import TextEncoder
+from stdit.train import resolve_device
+
+
+def find_checkpoint(path: Path) -> Path:
+    """A run directory (its latest checkpoint) or a checkpoint directory itself."""
+    if (path / "ema.safetensors").is_file():
+        return path
+    found = checkpoint.latest(path)
+    if found is None:
+        raise FileNotFoundError(f"{path} holds no checkpoint (no checkpoints/latest and no ema.safetensors); "
+                                "train first or pass a checkpoint directory")
+    return found
+
+
+def load_for_generation(run: str | Path, device: str = "auto", weights: str = "ema"):
+    """(model, text encoder, config) rebuilt from a checkpoint's resolved config and weights."""
+    ckpt = find_checkpoint(Path(run))
+    cfg = load_config(ckpt / "config.yaml", [f"run.device={device}"])
+    dev = resolve_device(cfg.run.device)
+    text_encoder = TextEncoder.from_config(cfg.text).to(dev)
+    model = build_model(cfg.model, text_encoder.dim)
+    checkpoint.load_weights(model, ckpt / f"{weights}.safetensors")
+    return model.to(dev).eval(), text_encoder, cfg
+
+
+def main(argv: list[str] | None = None) -> Path:
+    ap = argparse.ArgumentParser(prog="stdit generate", description=__doc__)
+    ap.add_argument("--run", required=True, help="run directory (uses its latest checkpoint) or checkpoint directory")
+    ap.add_argument("--prompt", required=True)
+    ap.add_argument("--frames", type=int, default=8)
+    ap.add_argument("--height", type=int, default=24)
+    ap.add_argument("--width", type=int, default=24)
+    ap.add_argument("--fps", type=float, default=8.0)
+    ap.add_argument("--steps", type=int, default=None, help="Euler steps (default: diffusion.sample_steps)")
+    ap.add_argument("--cfg-scale", type=float, default=None, help="guidance scale (default: diffusion.cfg_scale)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--weights", choices=["ema", "model"], default="ema")
+    ap.add_argument("--upscale", type=int, default=4, help="nearest-neighbour upscaling of the written video")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out", required=True, help="output file: .mp4 (H.264 via PyAV) or .gif")
+    args = ap.parse_args(argv)
+
+    model, text_encoder, cfg = load_for_generation(args.run, args.device, args.weights)
+    pt, ph, pw = cfg.model.patch_size
+    if args.frames % pt or args.height % ph or args.width % pw:
+        ap.error(f"--frames/--height/--width must be divisible by the patch size {cfg.model.patch_size}")
+    steps = args.steps or cfg.diffusion.sample_steps
+    with tqdm(total=steps, desc="sample", mininterval=1.0) as bar:
+        (video,) = sample_videos(model, text_encoder, [args.prompt], [(args.frames, args.height, args.width)],
+                                 cfg.model, cfg.diffusion, seed=args.seed, fps=args.fps, steps=steps,
+                                 cfg_scale=args.cfg_scale, progress=bar)
+    out = write_video(args.out, to_uint8(video), fps=args.fps, upscale=args.upscale)
+    print(f"wrote {out} ({args.frames} frames, {args.height}x{args.width}, x{args.upscale} upscaled)")
+    return out
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main()

@@ -1,0 +1,152 @@
+"""STDiT: a spatial-temporal diffusion transformer over NaViT-packed video tokens.
+
+Each block: spatial self-attention (a token sees its own frame), temporal self-attention (a token sees its own
+spatial position in the other frames of its video), cross-attention to the caption, MLP — all but the
+cross-attention modulated by adaLN-single from the per-frame timestep (+ fps). `attention=full` replaces the
+spatial/temporal pair by one self-attention over each whole video.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from stdit.models.attention import CrossAttention, SelfAttention
+from stdit.models.layers import Mlp, ScalarEmbedder, modulate, rope_cos_sin
+from stdit.packing import PackedBatch
+
+# Which Linear of a block is column- or row-parallel: the tensor-parallel plan, applied by parallel/tensor.py.
+TP_PLAN = {
+    "spatial_attn.qkv": "column", "spatial_attn.proj": "row",
+    "temporal_attn.qkv": "column", "temporal_attn.proj": "row",
+    "cross_attn.q": "column", "cross_attn.kv": "column", "cross_attn.proj": "row",
+    "mlp.fc1": "column", "mlp.fc2": "row",
+}
+# The modules that call the attention kernel, wrapped by context parallelism.
+ATTENTION_KERNELS = ("spatial_attn.attn", "temporal_attn.attn", "cross_attn.attn")
+
+
+def frame_param(frame_mod: torch.Tensor, table: torch.Tensor, i: int, token_frame: torch.Tensor) -> torch.Tensor:
+    """Modulation parameter i for every token: (per-frame adaLN-single output + block table)[token's frame]."""
+    return (frame_mod[:, i] + table[i])[token_frame]
+
+
+#################################################################################
+#                                 STDiT Blocks                                  #
+#################################################################################
+
+
+class STDiTBlock(nn.Module):
+    """Spatial (or full) attention, temporal attention, cross-attention, MLP with adaLN-single modulation."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, factorized: bool, temporal_causal: bool,
+                 qk_norm: bool, backend: str):
+        super().__init__()
+        self.factorized, self.temporal_causal = factorized, temporal_causal
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.spatial_attn = SelfAttention(hidden_size, num_heads, qk_norm, backend)
+        if factorized:
+            self.norm_t = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+            self.temporal_attn = SelfAttention(hidden_size, num_heads, qk_norm, backend)
+        self.cross_attn = CrossAttention(hidden_size, num_heads, qk_norm, backend)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        # rows: shift/scale/gate for attention, MLP, and (factorized) temporal attention
+        self.num_mod = 9 if factorized else 6
+        self.scale_shift_table = nn.Parameter(torch.randn(self.num_mod, hidden_size) / hidden_size ** 0.5)
+
+    def forward(self, x, frame_mod, text, rope, batch: PackedBatch):
+        p = lambda i: frame_param(frame_mod, self.scale_shift_table, i, batch.token_frame)  # noqa: E731
+        shift_msa, scale_msa, gate_msa = p(0), p(1), p(2)
+        seg = batch.segments("spatial" if self.factorized else "full")
+        x = x + gate_msa * self.spatial_attn(modulate(self.norm1(x), shift_msa, scale_msa), rope, seg)
+        if self.factorized:
+            shift_tmp, scale_tmp, gate_tmp = p(6), p(7), p(8)
+            seg = batch.segments("temporal", causal=self.temporal_causal)
+            x = x + gate_tmp * self.temporal_attn(modulate(self.norm_t(x), shift_tmp, scale_tmp), rope, seg)
+        x = x + self.cross_attn(x, text, batch.segments("cross"))
+        shift_mlp, scale_mlp, gate_mlp = p(3), p(4), p(5)
+        return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+
+class FinalLayer(nn.Module):
+    """adaLN-single modulated norm, then a linear to patch values."""
+
+    def __init__(self, hidden_size: int, out_dim: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, out_dim)
+        self.scale_shift_table = nn.Parameter(torch.randn(2, hidden_size) / hidden_size ** 0.5)
+
+    def forward(self, x, t_frame, token_frame):
+        shift = (t_frame + self.scale_shift_table[0])[token_frame]
+        scale = (t_frame + self.scale_shift_table[1])[token_frame]
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+#################################################################################
+#                                 Core STDiT Model                              #
+#################################################################################
+
+
+class STDiT(nn.Module):
+    """Packed-sequence STDiT: forward(x_t tokens [L, C*pt*ph*pw], per-frame t [F], batch) -> velocity [L, ...]."""
+
+    def __init__(self, cfg, text_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        h, patch_dim = cfg.hidden_size, cfg.in_channels * cfg.patch_size[0] * cfg.patch_size[1] * cfg.patch_size[2]
+        self.head_dim = h // cfg.num_heads
+        factorized = cfg.attention == "factorized"
+        self.x_embedder = nn.Linear(patch_dim, h)  # a 3D patch conv with stride = kernel, on patchified tokens
+        self.t_embedder = ScalarEmbedder(h, scale=1000.0)
+        self.fps_embedder = ScalarEmbedder(h) if cfg.fps_conditioning else None
+        self.num_mod = 9 if factorized else 6
+        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(h, self.num_mod * h))  # adaLN-single, shared by blocks
+        self.y_embedder = Mlp(text_dim, h, h)
+        self.blocks = nn.ModuleList([
+            STDiTBlock(h, cfg.num_heads, cfg.mlp_ratio, factorized, cfg.temporal_causal, cfg.qk_norm,
+                       cfg.attention_backend)
+            for _ in range(cfg.depth)
+        ])
+        self.final_layer = FinalLayer(h, patch_dim)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        def _basic_init(module):
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        self.apply(_basic_init)
+        for emb in (self.t_embedder, self.fps_embedder):
+            if emb is not None:
+                nn.init.normal_(emb.mlp[0].weight, std=0.02)
+                nn.init.normal_(emb.mlp[2].weight, std=0.02)
+        nn.init.normal_(self.y_embedder.fc1.weight, std=0.02)
+        nn.init.normal_(self.y_embedder.fc2.weight, std=0.02)
+        # DiT-style zero init: every block starts as the identity, the model predicts zero.
+        nn.init.zeros_(self.t_block[1].weight)
+        for block in self.blocks:
+            with torch.no_grad():
+                block.scale_shift_table[[2, 5] + ([8] if block.factorized else [])] = 0
+            nn.init.zeros_(block.cross_attn.proj.weight)
+        nn.init.zeros_(self.final_layer.linear.weight)
+
+    def embed(self, x, t, batch: PackedBatch):
+        """Token, per-frame conditioning and text embeddings, and the RoPE angles (the pipeline's first stage)."""
+        t_frame = self.t_embedder(t)                                   # [F, h]
+        if self.fps_embedder is not None:
+            t_frame = t_frame + self.fps_embedder(batch.fps)[batch.frame_sample]
+        frame_mod = self.t_block(t_frame).view(t.shape[0], self.num_mod, -1)  # [F, num_mod, h]
+        rope = rope_cos_sin(batch.coords, self.head_dim, self.cfg.rope_theta)
+        return self.x_embedder(x), t_frame, frame_mod, self.y_embedder(batch.text), rope
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        x, t_frame, frame_mod, text, rope = self.embed(x, t, batch)
+        for block in self.blocks:
+            x = block(x, frame_mod, text, rope, batch)
+        return self.final_layer(x, t_frame, batch.token_frame)
+
+
+def build_model(cfg, text_dim: int) -> STDiT:
+    """The plain single-device model from `model.*`."""
+    return STDiT(cfg, text_dim)

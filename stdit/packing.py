@@ -1,0 +1,243 @@
+"""NaViT-style packing: videos of any (T, H, W) laid out frame-major in one token sequence of fixed length L.
+
+Every attention kind becomes one varlen kernel call on the flat sequence:
+  spatial   one segment per frame (a token sees its own frame only)
+  temporal  one segment per (video, row, column), reached through a gather permutation and its inverse
+  full      one segment per video
+  cross     query: one segment per video; key/value: that video's unpadded text tokens
+The tail no sample fills is padding: its own segment of every kind, one frame of its own, out of the loss.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from einops import rearrange
+
+# ----------------------------------------------------------------------------------------------------------
+# Patchify
+# ----------------------------------------------------------------------------------------------------------
+
+
+def patchify(video: torch.Tensor, patch_size) -> torch.Tensor:
+    """[C, T, H, W] -> [T'*H'*W', C*pt*ph*pw], tokens in frame-major (t, h, w) order."""
+    pt, ph, pw = patch_size
+    c, t, h, w = video.shape
+    if t % pt or h % ph or w % pw:
+        raise ValueError(f"video of shape (T, H, W)=({t}, {h}, {w}) is not divisible by model.patch_size={list(patch_size)}")
+    return rearrange(video, "c (t pt) (h ph) (w pw) -> (t h w) (c pt ph pw)", pt=pt, ph=ph, pw=pw)
+
+
+def unpatchify(tokens: torch.Tensor, grid, patch_size) -> torch.Tensor:
+    """[T'*H'*W', C*pt*ph*pw] -> [C, T, H, W]."""
+    pt, ph, pw = patch_size
+    t, h, w = grid
+    return rearrange(tokens, "(t h w) (c pt ph pw) -> c (t pt) (h ph) (w pw)", t=t, h=h, w=w, pt=pt, ph=ph, pw=pw)
+
+
+def grid_of(shape, patch_size) -> tuple[int, int, int]:
+    """Token grid (T', H', W') of a video of pixel/latent shape (T, H, W)."""
+    return tuple(s // p for s, p in zip(shape, patch_size))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The packed batch
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Segments:
+    """Arguments of one varlen attention call; `perm`/`inv` gather the tokens into segment order and back."""
+
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    max_q: int
+    max_k: int
+    causal: bool = False
+    perm: torch.Tensor | None = None
+    inv: torch.Tensor | None = None
+
+
+@dataclass
+class PackedBatch:
+    """One micro-batch: B samples (plus padding) in L tokens. Slot B is the padding 'sample', frame F-1 its frame."""
+
+    tokens: torch.Tensor         # [L, C*pt*ph*pw] clean patch tokens (x0)
+    coords: torch.Tensor         # [L, 3] long: frame index, row, column (for RoPE)
+    token_sample: torch.Tensor   # [L] long: sample slot of each token (padding: B)
+    token_frame: torch.Tensor    # [L] long: frame slot of each token
+    frame_sample: torch.Tensor   # [F] long: sample slot of each frame
+    frame_cond: torch.Tensor     # [F] bool: frame given clean (timestep 0), not denoised, not in the loss
+    loss_mask: torch.Tensor      # [L] bool
+    fps: torch.Tensor            # [B(+1)] float
+    text: torch.Tensor           # [S, D_text] unpadded caption tokens of all samples (+1 zero token for padding)
+    cu_spatial: torch.Tensor     # int32 cumulative segment offsets, one segment per frame
+    cu_temporal: torch.Tensor    # int32, one segment per (sample, row, column) in permuted order
+    cu_full: torch.Tensor        # int32, one segment per sample
+    cu_text: torch.Tensor        # int32, text segments matching cu_full
+    temporal_perm: torch.Tensor  # [L] long: packed order -> temporal order
+    temporal_inv: torch.Tensor   # [L] long: inverse of temporal_perm
+    max_spatial: int
+    max_temporal: int
+    max_full: int
+    max_text: int
+    grids: list                  # [(T', H', W')] per sample
+    offsets: list                # first token of each sample
+    sample_ids: list             # dataset ids of the samples
+    patch_size: tuple
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.grids)
+
+    @property
+    def num_real_tokens(self) -> int:
+        return self.offsets[-1] + _numel(self.grids[-1]) if self.grids else 0
+
+    def segments(self, kind: str, causal: bool = False) -> Segments:
+        """Varlen arguments for attention `kind` in spatial | temporal | full | cross."""
+        if kind == "spatial":
+            return Segments(self.cu_spatial, self.cu_spatial, self.max_spatial, self.max_spatial)
+        if kind == "temporal":
+            return Segments(self.cu_temporal, self.cu_temporal, self.max_temporal, self.max_temporal, causal,
+                            self.temporal_perm, self.temporal_inv)
+        if kind == "full":
+            return Segments(self.cu_full, self.cu_full, self.max_full, self.max_full)
+        if kind == "cross":
+            return Segments(self.cu_full, self.cu_text, self.max_full, self.max_text)
+        raise ValueError(f"unknown attention kind {kind!r}")
+
+    def to(self, device) -> "PackedBatch":
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        for k, v in moved.items():
+            if isinstance(v, torch.Tensor):
+                moved[k] = v.to(device, non_blocking=True)
+        return PackedBatch(**moved)
+
+
+def _numel(grid) -> int:
+    t, h, w = grid
+    return t * h * w
+
+
+def _cu(lengths: list[int]) -> torch.Tensor:
+    return torch.tensor([0] + lengths, dtype=torch.int64).cumsum(0).to(torch.int32)
+
+
+def pack(
+    videos: list[torch.Tensor],
+    texts: list[torch.Tensor],
+    fps: list[float],
+    patch_size,
+    token_budget: int,
+    sample_ids: list[int] | None = None,
+    cond_frames: list[torch.Tensor | None] | None = None,
+) -> PackedBatch:
+    """Pack videos [C, T, H, W] with their unpadded text embeddings [n_i, D] into `token_budget` tokens.
+
+    cond_frames[i], if given, is a bool vector over the sample's token frames: True frames are conditioning
+    (clean, timestep 0, no loss).
+    """
+    patch_size = tuple(patch_size)
+    if not videos:
+        raise ValueError("pack needs at least one video")
+    sample_ids = list(range(len(videos))) if sample_ids is None else list(sample_ids)
+    cond_frames = cond_frames or [None] * len(videos)
+    token_list, grids, offsets = [], [], []
+    for v in videos:
+        offsets.append(sum(_numel(g) for g in grids))
+        tok = patchify(v, patch_size)
+        grids.append(grid_of(v.shape[1:], patch_size))
+        token_list.append(tok)
+    n_real = offsets[-1] + _numel(grids[-1])
+    if n_real > token_budget:
+        raise ValueError(
+            f"{len(videos)} samples need {n_real} tokens but data.token_budget={token_budget}; "
+            "raise data.token_budget or pack fewer samples per micro-batch")
+    pad = token_budget - n_real
+    B, dim = len(videos), token_list[0].shape[1]
+    dev = token_list[0].device
+
+    coords, token_sample, token_frame, frame_sample, frame_cond, loss_mask = [], [], [], [], [], []
+    spatial_len, temporal_len, temporal_perm = [], [], []
+    n_frames = 0
+    for i, ((t, h, w), off) in enumerate(zip(grids, offsets)):
+        tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
+        coords.append(torch.stack([tt, hh, ww], -1).reshape(-1, 3))
+        token_sample.append(torch.full((t * h * w,), i))
+        token_frame.append(n_frames + tt.reshape(-1))
+        frame_sample.append(torch.full((t,), i))
+        cond = torch.zeros(t, dtype=torch.bool) if cond_frames[i] is None else cond_frames[i].bool().cpu()
+        if cond.shape != (t,):
+            raise ValueError(f"cond_frames[{i}] has shape {tuple(cond.shape)}, expected ({t},) token frames")
+        frame_cond.append(cond)
+        loss_mask.append((~cond).repeat_interleave(h * w))
+        spatial_len += [h * w] * t
+        # temporal order: for each (row, column) its t tokens, ascending in time
+        temporal_perm.append(off + (torch.arange(t)[None, :] * (h * w) + torch.arange(h * w)[:, None]).reshape(-1))
+        temporal_len += [t] * (h * w)
+        n_frames += t
+    full_len = [_numel(g) for g in grids]
+    text_len = [int(x.shape[0]) for x in texts]
+    if len(texts) != B or min(text_len) < 1:
+        raise ValueError("pack needs one text embedding of >= 1 token per video (the empty caption still has EOS)")
+    text = torch.cat([x.to(dev) for x in texts])
+    fps_t = torch.tensor(list(fps), dtype=torch.float32)
+    if pad:
+        # padding is a sample slot of its own with one frame; its tokens sit at the origin and see only padding
+        coords.append(torch.zeros(pad, 3, dtype=torch.long))
+        token_sample.append(torch.full((pad,), B))
+        token_frame.append(torch.full((pad,), n_frames))
+        frame_sample.append(torch.tensor([B]))
+        frame_cond.append(torch.tensor([True]))
+        loss_mask.append(torch.zeros(pad, dtype=torch.bool))
+        spatial_len.append(pad)
+        temporal_perm.append(torch.arange(n_real, token_budget))
+        temporal_len.append(pad)
+        full_len.append(pad)
+        text_len.append(1)
+        text = torch.cat([text, text.new_zeros(1, text.shape[1])])
+        fps_t = torch.cat([fps_t, torch.zeros(1)])
+    tokens = torch.cat(token_list + ([token_list[0].new_zeros(pad, dim)] if pad else []))
+    perm = torch.cat(temporal_perm)
+    return PackedBatch(
+        tokens=tokens, coords=torch.cat(coords).to(dev), token_sample=torch.cat(token_sample).to(dev),
+        token_frame=torch.cat(token_frame).to(dev), frame_sample=torch.cat(frame_sample).to(dev),
+        frame_cond=torch.cat(frame_cond).to(dev), loss_mask=torch.cat(loss_mask).to(dev), fps=fps_t.to(dev),
+        text=text, cu_spatial=_cu(spatial_len).to(dev), cu_temporal=_cu(temporal_len).to(dev),
+        cu_full=_cu(full_len).to(dev), cu_text=_cu(text_len).to(dev), temporal_perm=perm.to(dev),
+        temporal_inv=torch.argsort(perm).to(dev), max_spatial=max(spatial_len), max_temporal=max(temporal_len),
+        max_full=max(full_len), max_text=max(text_len), grids=grids, offsets=offsets, sample_ids=sample_ids,
+        patch_size=patch_size,
+    )
+
+
+def unpack(tokens: torch.Tensor, batch: PackedBatch) -> list[torch.Tensor]:
+    """Token tensor [L, C*pt*ph*pw] of a packed batch -> one [C, T, H, W] video per sample."""
+    return [unpatchify(tokens[off:off + _numel(g)], g, batch.patch_size) for g, off in zip(batch.grids, batch.offsets)]
+
+
+def token_counts(shapes, patch_size) -> list[int]:
+    """Tokens of each (T, H, W) shape."""
+    return [_numel(grid_of(s, patch_size)) for s in shapes]
+
+
+def plan_microbatches(counts: list[int], token_budget: int) -> list[list[int]]:
+    """First-fit-decreasing of sample token counts into bins of `token_budget`; returns indices per bin.
+
+    Deterministic (ties broken by index) so every process plans the same micro-batches from the same samples.
+    """
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(counts)), key=lambda j: (-counts[j], j)):
+        if counts[i] > token_budget:
+            raise ValueError(f"a sample of {counts[i]} tokens does not fit data.token_budget={token_budget}")
+        for b, r in enumerate(room):
+            if counts[i] <= r:
+                bins[b].append(i)
+                room[b] -= counts[i]
+                break
+        else:
+            bins.append([i])
+            room.append(token_budget - counts[i])
+    return [sorted(b) for b in bins]
