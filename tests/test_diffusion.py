@@ -1,0 +1,72 @@
+import copy
+
+import torch
+
+from stdit.config import Config, DiffusionConfig
+from stdit.data.sample import Sample
+from stdit.diffusion.rectified_flow import draw, noisy_inputs, timestep_shift
+from stdit.models.stdit import STDiT
+from stdit.packing import pack
+from stdit.train import forward_backward
+
+from conftest import rand_videos, randomize, tiny_model_cfg
+
+
+def test_draws_depend_only_on_seed_step_and_sample():
+    cfg = DiffusionConfig()
+    a, b = draw(0, 3, 17, 20, 12, cfg), draw(0, 3, 17, 20, 12, cfg)
+    assert a.t == b.t and torch.equal(a.noise, b.noise) and a.drop_caption == b.drop_caption
+    for other in [draw(1, 3, 17, 20, 12, cfg), draw(0, 4, 17, 20, 12, cfg), draw(0, 3, 18, 20, 12, cfg)]:
+        assert not torch.equal(a.noise, other.noise)
+    ts = torch.tensor([draw(0, 0, i, 20, 1, cfg).t for i in range(2000)])
+    assert 0 < ts.min() and ts.max() < 1 and abs(ts.median() - 0.5) < 0.05
+    drops = sum(draw(0, 0, i, 20, 1, cfg).drop_caption for i in range(2000))
+    assert 150 < drops < 250  # caption_dropout 0.1
+
+
+def test_timestep_shift_grows_with_tokens():
+    cfg = DiffusionConfig(shift_base_tokens=256, max_shift=4.0)
+    assert timestep_shift(64, cfg) == 1.0 and timestep_shift(1024, cfg) == 2.0 and timestep_shift(10**6, cfg) == 4.0
+    big = torch.tensor([draw(0, 0, i, 4096, 1, cfg).t for i in range(500)])
+    small = torch.tensor([draw(0, 0, i, 64, 1, cfg).t for i in range(500)])
+    assert big.mean() > small.mean() + 0.1
+
+
+def test_conditioning_frames_stay_clean_with_timestep_zero():
+    (v,) = rand_videos([(3, 4, 4)])
+    b = pack([v], [torch.ones(1, 4)], [8.0], (1, 2, 2), 16, cond_frames=[torch.tensor([True, False, False])])
+    d = draw(0, 0, 0, 12, 12, DiffusionConfig())
+    x_t, t_frame, target = noisy_inputs(b, [d])
+    assert t_frame[0] == 0 and t_frame[1] == t_frame[2] == d.t
+    assert torch.equal(x_t[:4], b.tokens[:4]) and not torch.equal(x_t[4:12], b.tokens[4:12])
+    torch.testing.assert_close(target[:12], d.noise - b.tokens[:12])
+
+
+class _TextStub:
+    """Deterministic caption embeddings without a transformer (keeps this test about the split)."""
+
+    dim = 8
+
+    def encode(self, captions):
+        return [torch.full((1 + len(c) % 5, 8), float(len(c) % 7) / 7) for c in captions]
+
+
+def test_micro_batch_split_leaves_loss_and_grads_unchanged():
+    cfg = Config()
+    cfg.model = tiny_model_cfg()
+    shapes = [(4, 8, 8), (1, 12, 8), (8, 8, 12), (2, 4, 4), (4, 12, 12), (1, 8, 8)]
+    samples = [Sample(i * 7, v, f"caption {i}" * (i + 1), 8.0) for i, v in enumerate(rand_videos(shapes))]
+    base = randomize(STDiT(cfg.model, _TextStub.dim), std=0.05)
+    results = []
+    for budget in [1000, 400, 200]:  # 1, 2 and 3 micro-batches
+        model = copy.deepcopy(base)
+        cfg.data.token_budget = budget
+        stats = forward_backward(model, _TextStub(), samples, step=5, cfg=cfg, device=torch.device("cpu"))
+        results.append((stats, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    assert [r[0]["micro_batches"] for r in results] == [1, 2, 3]
+    ref_stats, ref_grads = results[0]
+    assert ref_stats["loss"] > 0
+    for stats, grads in results[1:]:
+        assert abs(stats["loss"] - ref_stats["loss"]) <= 1e-5 * ref_stats["loss"]
+        for n, g in grads.items():
+            torch.testing.assert_close(g, ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)
