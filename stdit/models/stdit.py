@@ -21,6 +21,8 @@ TP_PLAN = {
     "cross_attn.q": "column", "cross_attn.kv": "column", "cross_attn.proj": "row",
     "mlp.fc1": "column", "mlp.fc2": "row",
 }
+# Replicated weights applied per head (QK-norm): under TP each rank sees its heads only, so their grads are summed.
+TP_HEAD_SHARED = ("q_norm.weight", "k_norm.weight")
 # The modules that call the attention kernel, wrapped by context parallelism.
 ATTENTION_KERNELS = ("spatial_attn.attn", "temporal_attn.attn", "cross_attn.attn")
 
