@@ -9,19 +9,25 @@ import copy
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from parallel import checkpoint
+from parallel.context import apply_cp, shard_batch
+from parallel.dims import ParallelDims, init_distributed, launch_env
+from parallel.engine import EMA, build_engine, full_state_dict
+from parallel.tensor import apply_tp
 from stdit.config import Config, load_config, to_yaml
 from stdit.data.loader import GlobalBatches, build_dataset
 from stdit.data.video import to_uint8, write_video
-from stdit.diffusion.rectified_flow import draw, flow_loss_sum, noisy_inputs
+from stdit.diffusion.rectified_flow import SampleDraw, draw, flow_loss_sum, noisy_inputs
 from stdit.diffusion.sampler import sample_videos
 from stdit.metrics import MetricsLogger
-from stdit.models.stdit import build_model
+from stdit.models.stdit import ATTENTION_KERNELS, TP_HEAD_SHARED, TP_PLAN, build_model
 from stdit.models.text import TextEncoder
 from stdit.ops import resolve_backend
 from stdit.packing import pack, plan_microbatches, token_counts
@@ -33,31 +39,74 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
 
 
-def forward_backward(model, text_encoder, samples, step: int, cfg: Config, device: torch.device) -> dict:
-    """Loss and accumulated gradients of one global batch, split into packed micro-batches of the token budget.
+@dataclass
+class Shard:
+    """Where this process sits: which data-parallel share of a step's micro-batches, which context slice of each."""
 
-    The loss is the mean over all loss tokens of the global batch: each micro-batch adds its sum divided by the
-    global count, so the split changes neither the loss nor the gradients.
+    dp_rank: int = 0
+    dp_size: int = 1
+    cp_rank: int = 0
+    cp_size: int = 1
+
+
+def assign_microbatches(tokens: list[int], dp: int) -> list[list[int]]:
+    """Deal micro-batches (largest first) to the dp rank with the fewest micro-batches, then fewest tokens."""
+    ranks: list[list[int]] = [[] for _ in range(dp)]
+    load = [0] * dp
+    for i in sorted(range(len(tokens)), key=lambda j: (-tokens[j], j)):
+        r = min(range(dp), key=lambda k: (len(ranks[k]), load[k], k))
+        ranks[r].append(i)
+        load[r] += tokens[i]
+    return ranks
+
+
+def _filler(budget: int, channels: int, patch, text_dim: int):
+    """A micro-batch with nothing in the loss, for a dp rank that has fewer micro-batches than the others
+    (ZeRO reduces per backward, so every rank must run the same number)."""
+    one = torch.zeros(channels, *patch)
+    batch = pack([one], [torch.zeros(1, text_dim)], [8.0], patch, budget, sample_ids=[-1],
+                 cond_frames=[torch.ones(1, dtype=torch.bool)])
+    return batch, [SampleDraw(t=0.0, noise=torch.zeros(1, batch.tokens.shape[1]), drop_caption=False)]
+
+
+def forward_backward(model, text_encoder, samples, step: int, cfg: Config, device: torch.device, backward=None,
+                     shard: Shard = Shard()) -> dict:
+    """Loss (this process's part) and accumulated gradients of one global batch.
+
+    The global batch is packed into micro-batches of the token budget the same way on every process; dp ranks
+    take shares of them, cp ranks slices of each. Each micro-batch adds sum(loss) / (loss tokens of the global
+    batch), scaled by dp*cp because the engine averages gradients over those ranks — so neither the split nor
+    the layout changes the loss or the gradients.
     """
     patch, budget = cfg.model.patch_size, cfg.data.token_budget
     counts = token_counts([s.video.shape[1:] for s in samples], patch)
-    token_dim = samples[0].video.shape[0] * math.prod(patch)
+    channels = samples[0].video.shape[0]
+    token_dim = channels * math.prod(patch)
     draws = [draw(cfg.run.seed, step, s.sample_id, n, token_dim, cfg.diffusion) for s, n in zip(samples, counts)]
     texts = text_encoder.encode(["" if d.drop_caption else s.caption for s, d in zip(samples, draws)])
     plans = plan_microbatches(counts, budget)
     batches = [pack([samples[i].video for i in idx], [texts[i] for i in idx], [samples[i].fps for i in idx],
                     patch, budget, sample_ids=[samples[i].sample_id for i in idx]) for idx in plans]
     total_loss_tokens = sum(int(b.loss_mask.sum()) for b in batches)
+    shares = assign_microbatches([b.num_real_tokens for b in batches], shard.dp_size)
+    mine = [(batches[j], [draws[i] for i in plans[j]]) for j in shares[shard.dp_rank]]
+    mine += [_filler(budget, channels, patch, texts[0].shape[1])] * (max(map(len, shares)) - len(mine))
+    scale = shard.dp_size * shard.cp_size
+    backward = backward or torch.Tensor.backward
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     loss = 0.0
-    for idx, batch in zip(plans, batches):
+    for batch, batch_draws in mine:
         batch = batch.to(device)
-        x_t, t_frame, target = noisy_inputs(batch, [draws[i] for i in idx])
+        x_t, t_frame, target = noisy_inputs(batch, batch_draws)
+        if shard.cp_size > 1:
+            lo = shard.cp_rank * budget // shard.cp_size
+            hi = lo + budget // shard.cp_size
+            batch, x_t, target = shard_batch(batch, shard.cp_rank, shard.cp_size), x_t[lo:hi], target[lo:hi]
         with autocast:
             pred = model(x_t, t_frame, batch)
-        mb_loss = flow_loss_sum(pred, target, batch.loss_mask) / total_loss_tokens
-        mb_loss.backward()
-        loss += mb_loss.item()
+        loss_sum = flow_loss_sum(pred, target, batch.loss_mask) / total_loss_tokens
+        backward(loss_sum * scale)
+        loss += loss_sum.item()
     real = sum(counts)
     return {"loss": loss, "tokens": real, "micro_batches": len(batches),
             "padding_fraction": 1.0 - real / (len(batches) * budget)}
@@ -82,34 +131,53 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 
 
 class Trainer:
-    """Single-process trainer over the packed STDiT."""
+    """Build, restore, loop. One process uses plain torch; several (or ZeRO) use megatron-core + DeepSpeed."""
 
     def __init__(self, cfg: Config):
-        for key in ("tp", "pp", "cp"):
-            if getattr(cfg.parallel, key) != 1:
-                raise NotImplementedError(f"parallel.{key}={getattr(cfg.parallel, key)} is not supported by the "
-                                          f"single-process trainer yet; set parallel.{key}=1")
         self.cfg = cfg
+        rank, world, _ = launch_env()
+        self.dims = ParallelDims.from_config(cfg, world)  # validates the layout before any process-group work
+        self.distributed = world > 1 or cfg.parallel.zero > 0
+        self.is_main = rank == 0
         self.device = resolve_device(cfg.run.device)
         resolve_backend(cfg.model.attention_backend, self.device)  # fail now, not in the first forward
+        if self.distributed:
+            init_distributed(self.dims)
         self.run_dir = Path(cfg.run.dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.config_yaml = to_yaml(cfg)
-        (self.run_dir / "config.yaml").write_text(self.config_yaml)
+        if self.is_main:
+            (self.run_dir / "config.yaml").write_text(self.config_yaml)
 
-        torch.manual_seed(cfg.run.seed)
+        torch.manual_seed(cfg.run.seed)  # every rank builds the same full model, then keeps its shard
         self.text_encoder = TextEncoder.from_config(cfg.text).to(self.device)
-        self.model = build_model(cfg.model, self.text_encoder.dim).to(self.device)
-        self.ema = copy.deepcopy(self.model).requires_grad_(False)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                                           eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+        model = build_model(cfg.model, self.text_encoder.dim).to(self.device)
+        if self.distributed:
+            from megatron.core import parallel_state as ps
+            apply_tp(model, TP_PLAN, TP_HEAD_SHARED)
+            apply_cp(model, ATTENTION_KERNELS, ps.get_context_parallel_group())
+            self.engine = build_engine(model, cfg, self.dims, lr_lambda(cfg), bf16=self.device.type == "cuda")
+            self.model, self.ema = self.engine.module, EMA(self.engine.module)
+            self.shard = Shard(ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(),
+                               ps.get_context_parallel_rank(), ps.get_context_parallel_world_size())
+            self.loss_group = ps.get_data_parallel_group(with_context_parallel=True)
+        else:
+            self.engine, self.model, self.shard = None, model, Shard()
+            self.ema = copy.deepcopy(model).requires_grad_(False)
+            self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                               eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.batches = GlobalBatches(build_dataset(cfg.data, cfg.run.seed), cfg.data.batch_size, cfg.run.seed)
-        self.logger = MetricsLogger(self.run_dir)
+        self.logger = MetricsLogger(self.run_dir, enabled=self.is_main)
         self.step, self.tokens_seen = 0, 0
 
     def restore(self) -> None:
         mode = self.cfg.checkpoint.resume
+        if self.distributed:
+            if mode not in ("auto", "never"):
+                raise NotImplementedError("checkpoint.resume=PATH needs one process: parallel checkpoints are "
+                                          "not written yet")
+            return
         path = None if mode == "never" else (checkpoint.latest(self.run_dir) if mode == "auto" else Path(mode))
         if path is None:
             return
@@ -118,33 +186,65 @@ class Trainer:
         print(f"resumed from {path} at step {self.step}", file=sys.stderr)
 
     def save(self) -> Path:
-        return checkpoint.save(self.run_dir, self.step, self.model, self.ema, self.optimizer, self.scheduler,
-                               {"tokens_seen": self.tokens_seen}, self.config_yaml, self.cfg.checkpoint.keep)
+        """Single process: a resumable checkpoint. Parallel: full (gathered) weights in RUN_DIR/export."""
+        if not self.distributed:
+            return checkpoint.save(self.run_dir, self.step, self.model, self.ema, self.optimizer, self.scheduler,
+                                   {"tokens_seen": self.tokens_seen}, self.config_yaml, self.cfg.checkpoint.keep)
+        from safetensors.torch import save_file
+        model, ema = full_state_dict(self.model), self.ema.full_state_dict()  # collective
+        out = self.run_dir / "export"
+        if self.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            save_file(model, str(out / "model.safetensors"))
+            save_file(ema, str(out / "ema.safetensors"))
+            (out / "config.yaml").write_text(self.config_yaml)
+        return out
 
     def train_step(self) -> dict:
         cfg, start = self.cfg, time.perf_counter()
         self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        stats = forward_backward(self.model, self.text_encoder, self.batches.samples(self.step), self.step, cfg,
-                                 self.device)
-        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip).item()
-        lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        update_ema(self.ema, self.model, min(cfg.optim.ema_decay, (1 + self.step) / (10 + self.step)))
+        samples = self.batches.samples(self.step)
+        if self.engine is None:
+            self.optimizer.zero_grad(set_to_none=True)
+            stats = forward_backward(self.model, self.text_encoder, samples, self.step, cfg, self.device)
+            clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip).item()
+            lr = self.scheduler.get_last_lr()[0]
+            self.optimizer.step()
+            self.scheduler.step()
+        else:
+            # through the engine, not its module: its forward starts each micro-step (ZeRO-3 accumulates by it)
+            stats = forward_backward(self.engine, self.text_encoder, samples, self.step, cfg, self.device,
+                                     backward=lambda loss: self.engine.backward(loss, scale_wrt_gas=False),
+                                     shard=self.shard)
+            lr = self.engine.get_lr()[0]
+            self.engine.step()
+            grad_norm = float(self.engine.get_global_grad_norm() or float("nan"))
+            loss = torch.tensor([stats["loss"]], dtype=torch.float64)
+            dist.all_reduce(loss, group=self.loss_group)  # each dp x cp rank held part of the global mean
+            stats["loss"] = loss.item()
+        decay = min(cfg.optim.ema_decay, (1 + self.step) / (10 + self.step))
+        self.ema.update(decay) if self.distributed else update_ema(self.ema, self.model, decay)
         self.step += 1
         self.tokens_seen += stats["tokens"]
         dt = time.perf_counter() - start
-        return {"step": self.step, "loss": stats["loss"], "grad_norm": grad_norm, "lr": lr, "tokens": stats["tokens"],
-                "tokens_seen": self.tokens_seen, "tokens_per_s": stats["tokens"] / dt, "step_time_s": dt,
-                "padding_fraction": stats["padding_fraction"], "micro_batches": stats["micro_batches"]}
+        metrics = {"step": self.step, "loss": stats["loss"], "grad_norm": grad_norm, "lr": lr,
+                   "tokens": stats["tokens"], "tokens_seen": self.tokens_seen, "tokens_per_s": stats["tokens"] / dt,
+                   "step_time_s": dt, "padding_fraction": stats["padding_fraction"],
+                   "micro_batches": stats["micro_batches"], "layout": self.dims.describe()}
+        if self.device.type == "cuda":
+            metrics["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+        return metrics
 
     def train(self) -> list[dict]:
         cfg = self.cfg
         self.restore()
+        if self.distributed and cfg.checkpoint.every and self.is_main:
+            print("note: periodic checkpoints of parallel runs are not written yet; full weights are exported "
+                  "to RUN_DIR/export at the end", file=sys.stderr)
         history = []
-        bar = tqdm(total=cfg.run.steps, initial=self.step, desc="train", mininterval=2.0, dynamic_ncols=True)
+        bar = tqdm(total=cfg.run.steps, initial=self.step, desc="train", mininterval=2.0, dynamic_ncols=True,
+                   disable=not self.is_main)
         while self.step < cfg.run.steps:
             metrics = self.train_step()
             history.append(metrics)
@@ -152,22 +252,30 @@ class Trainer:
                 self.logger.log(metrics)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
             bar.update(1)
-            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.run.steps:
+            if (not self.distributed and cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0
+                    and self.step < cfg.run.steps):
                 self.save()
         bar.close()
-        self.save()
-        self.log_samples()
+        saved = self.save()
+        self.log_samples(saved)
         self.logger.close()
+        if self.distributed:
+            dist.barrier()
         return history
 
-    def log_samples(self) -> None:
-        """Generate a few videos with the EMA weights into RUN_DIR/samples and TensorBoard."""
+    def log_samples(self, saved: Path) -> None:
+        """Generate a few videos with the EMA weights into RUN_DIR/samples and TensorBoard (main process)."""
         n = self.cfg.run.samples_at_end
-        if n <= 0:
+        if n <= 0 or not self.is_main:
             return
+        ema = self.ema
+        if self.distributed:  # a plain single-device model from the gathered weights
+            ema = build_model(self.cfg.model, self.text_encoder.dim)
+            checkpoint.load_weights(ema, saved / "ema.safetensors")
+            ema = ema.to(self.device)
         dataset = self.batches.dataset
         picks = [dataset[i] for i in range(min(n, len(dataset)))]
-        videos = sample_videos(self.ema, self.text_encoder, [s.caption for s in picks],
+        videos = sample_videos(ema, self.text_encoder, [s.caption for s in picks],
                                [tuple(s.video.shape[1:]) for s in picks], self.cfg.model, self.cfg.diffusion,
                                seed=self.cfg.run.seed, fps=picks[0].fps)
         for i, (s, v) in enumerate(zip(picks, videos)):
@@ -183,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(0 if argv else 2)
     cfg = load_config(argv[0], argv[1:])
     history = Trainer(cfg).train()
-    if history:
+    if history and launch_env()[0] == 0:
         first, last = history[0], history[-1]
         print(f"done: step {last['step']}, loss {first['loss']:.4f} -> {last['loss']:.4f}; run dir {cfg.run.dir}")
 

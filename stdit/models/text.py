@@ -8,19 +8,25 @@ import torch
 import torch.nn as nn
 
 KINDS = ("t5", "clip")
+# checkpoint model types each kind's model class loads correctly (a mismatch would give garbage embeddings)
+_MODEL_TYPES = {"t5": ("t5", "mt5"), "clip": ("clip", "clip_text_model")}
+_BATCH = 64  # captions per forward pass when many are new
 
 
-def _random_model(kind: str, hidden_size, num_layers, num_heads, ff_size, max_length, vocab_size, pad_id, eos_id):
+def _random_model(kind: str, hidden_size, num_layers, num_heads, ff_size, max_length, tokenizer):
+    """A small model with the current torch RNG's weights, its ids matching the ByT5 byte tokenizer."""
     import transformers as tf
+    vocab, pad, eos = len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id
     if kind == "t5":
-        config = tf.T5Config(vocab_size=vocab_size, d_model=hidden_size, d_kv=hidden_size // num_heads, d_ff=ff_size,
-                             num_layers=num_layers, num_heads=num_heads, pad_token_id=pad_id, eos_token_id=eos_id,
-                             decoder_start_token_id=pad_id)
+        config = tf.T5Config(vocab_size=vocab, d_model=hidden_size, d_kv=hidden_size // num_heads, d_ff=ff_size,
+                             num_layers=num_layers, num_heads=num_heads, pad_token_id=pad, eos_token_id=eos,
+                             decoder_start_token_id=pad)
         return tf.T5EncoderModel(config)
-    config = tf.CLIPTextConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=ff_size,
+    # ByT5 has no BOS token; CLIP needs a position for every token, EOS included
+    config = tf.CLIPTextConfig(vocab_size=vocab, hidden_size=hidden_size, intermediate_size=ff_size,
                                num_hidden_layers=num_layers, num_attention_heads=num_heads,
-                               max_position_embeddings=max_length, pad_token_id=pad_id, eos_token_id=eos_id,
-                               bos_token_id=eos_id)
+                               max_position_embeddings=max_length, pad_token_id=pad, eos_token_id=eos,
+                               bos_token_id=None)
     return tf.CLIPTextModel(config)
 
 
@@ -28,32 +34,48 @@ class TextEncoder(nn.Module):
     """Frozen caption encoder: T5 encoder or CLIP text model, from a local path or built with seeded random weights."""
 
     def __init__(self, kind: str = "t5", path: str | None = None, hidden_size: int = 64, num_layers: int = 2,
-                 num_heads: int = 4, ff_size: int = 128, max_length: int = 64, seed: int = 0):
+                 num_heads: int = 4, ff_size: int = 128, max_length: int = 64, seed: int = 0,
+                 cache_elements: int = 2 ** 25):
         super().__init__()
-        import transformers as tf
         if kind not in KINDS:
             raise ValueError(f"text.kind={kind!r} is unknown; use one of {list(KINDS)}")
+        if max_length < 1:
+            raise ValueError(f"text.max_length must be >= 1, got {max_length}")
+        import transformers as tf
         self.kind, self.max_length = kind, max_length
+        model_cls = tf.T5EncoderModel if kind == "t5" else tf.CLIPTextModel
         if path is not None:
             if not Path(path).is_dir():
                 raise FileNotFoundError(f"text.path={path} is not a directory holding a transformers model")
+            model_type = tf.AutoConfig.from_pretrained(path, local_files_only=True).model_type
+            if model_type not in _MODEL_TYPES[kind]:
+                raise ValueError(f"text.path={path} holds a {model_type!r} model, which text.kind={kind!r} "
+                                 f"cannot load; expected one of {list(_MODEL_TYPES[kind])}")
             self.tokenizer = tf.AutoTokenizer.from_pretrained(path, local_files_only=True)
-            cls = tf.T5EncoderModel if kind == "t5" else tf.CLIPTextModel
-            self.model = cls.from_pretrained(path, local_files_only=True)
+            self.model = model_cls.from_pretrained(path, local_files_only=True)
+            if kind == "clip":  # learned positions: longer inputs would index past the table
+                self.max_length = min(max_length, self.model.config.max_position_embeddings)
         else:
+            if hidden_size % num_heads:
+                raise ValueError(f"text.hidden_size={hidden_size} must be divisible by text.num_heads={num_heads}")
             # ByT5's byte tokenizer needs no vocabulary file, so the demo encoder is fully self-contained
             self.tokenizer = tf.ByT5Tokenizer()
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=[]):  # seed the weights without touching the caller's RNG
                 torch.manual_seed(seed)
                 self.model = _random_model(kind, hidden_size, num_layers, num_heads, ff_size, max_length,
-                                           len(self.tokenizer), self.tokenizer.pad_token_id,
-                                           self.tokenizer.eos_token_id)
+                                           self.tokenizer)
+        if self.tokenizer.pad_token is None:  # padding is masked out anyway; any token will do
+            self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model.eval().requires_grad_(False)
-        self.dim = self.model.config.hidden_size if kind == "clip" else self.model.config.d_model
+        self.dim = self.model.config.hidden_size  # T5Config maps hidden_size to d_model
+        # caption -> embedding, least recently used first; bounded by elements so real, mostly unique captions
+        # cannot fill the accelerator's memory
         self._cache: dict[str, torch.Tensor] = {}
+        self._cached_elements, self.cache_elements = 0, cache_elements
 
     @classmethod
     def from_config(cls, cfg) -> "TextEncoder":
+        """Build from a config section with kind, path, hidden_size, num_layers, num_heads, ff_size, max_length, seed."""
         return cls(cfg.kind, cfg.path, cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.ff_size, cfg.max_length,
                    cfg.seed)
 
@@ -61,18 +83,45 @@ class TextEncoder(nn.Module):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def train(self, mode: bool = True) -> "TextEncoder":
+        """The encoder stays in eval mode (no dropout) whatever a parent module asks for: it is frozen."""
+        super().train(mode)
+        self.model.eval()
+        return self
+
+    @torch.no_grad()
+    def _embed(self, captions: list[str]) -> list[torch.Tensor]:
+        """One forward pass; padding positions are dropped with the attention mask."""
+        tok = self.tokenizer(captions, padding=True, truncation=True, max_length=self.max_length,
+                             return_tensors="pt").to(self.device)
+        hidden = self.model(input_ids=tok.input_ids, attention_mask=tok.attention_mask).last_hidden_state
+        return [h[m] for h, m in zip(hidden.float(), tok.attention_mask.bool())]
+
     @torch.no_grad()
     def encode(self, captions: list[str]) -> list[torch.Tensor]:
-        """One float32 [n_i, dim] tensor of token embeddings per caption, padding removed."""
-        todo = sorted({c for c in captions if c not in self._cache})
-        if todo:
-            tok = self.tokenizer(todo, padding=True, truncation=True, max_length=self.max_length,
-                                 return_tensors="pt").to(self.device)
-            hidden = self.model(input_ids=tok.input_ids, attention_mask=tok.attention_mask).last_hidden_state
-            for caption, h, m in zip(todo, hidden.float(), tok.attention_mask.bool()):
-                self._cache[caption] = h[m].clone()
-        return [self._cache[c] for c in captions]
+        """One float32 [n_i, dim] tensor of token embeddings per caption, padding removed, on the module's device.
+
+        Results are cached per caption; callers get their own copies, so mutating them cannot corrupt the cache.
+        """
+        found = {}
+        for c in dict.fromkeys(captions):
+            if c in self._cache:
+                found[c] = self._cache[c] = self._cache.pop(c)  # move to the most recently used end
+        todo = sorted(c for c in dict.fromkeys(captions) if c not in found)
+        for start in range(0, len(todo), _BATCH):
+            chunk = todo[start:start + _BATCH]
+            for c, emb in zip(chunk, self._embed(chunk)):
+                found[c] = emb
+                self._remember(c, emb)
+        return [found[c].clone() for c in captions]
+
+    def _remember(self, caption: str, emb: torch.Tensor) -> None:
+        self._cache[caption] = emb
+        self._cached_elements += emb.numel()
+        while self._cached_elements > self.cache_elements and self._cache:
+            self._cached_elements -= self._cache.pop(next(iter(self._cache))).numel()
 
     def _apply(self, fn, *args, **kwargs):
         self._cache.clear()  # cached embeddings live on the old device / dtype
+        self._cached_elements = 0
         return super()._apply(fn, *args, **kwargs)

@@ -1,0 +1,100 @@
+"""DeepSpeed engine from ParallelDims + optim config; EMA and full-weight gathering that work on every layout."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from parallel.dims import MegatronMPU, ParallelDims
+
+
+def deepspeed_config(cfg, dims: ParallelDims, bf16: bool) -> dict:
+    """ZeRO stage, clipping and precision; micro-batching is ours (`managed_gradient_accumulation: false`:
+    every backward accumulates, `step()` is the boundary), so a step may hold any number of micro-batches."""
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "managed_gradient_accumulation": False,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": dims.zero, "overlap_comm": False, "contiguous_gradients": True},
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_engine(model, cfg, dims: ParallelDims, lr_lambda, bf16: bool):
+    """deepspeed.initialize with a client torch AdamW (no JIT-built fused op) and a LambdaLR schedule."""
+    import deepspeed
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                            weight_decay=cfg.optim.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, mpu=MegatronMPU(),
+                                           config=deepspeed_config(cfg, dims, bf16))
+    if dims.zero == 0 and not bf16:
+        # Without ZeRO the engine clips fp32 grads with its TP-aware clip_grad_norm_ but drops the norm it
+        # returns; keep it so get_global_grad_norm() reports it as it does under ZeRO.
+        from deepspeed.runtime.utils import clip_grad_norm_
+
+        def clip_and_keep_norm():
+            engine._global_grad_norm = float(clip_grad_norm_(engine.module.parameters(), engine.gradient_clipping(),
+                                                              mpu=engine.mpu))
+        engine.clip_fp32_gradients = clip_and_keep_norm
+    return engine
+
+
+def _zero3(p) -> bool:
+    return hasattr(p, "ds_tensor")
+
+
+def _local(p) -> torch.Tensor:
+    """The part of a parameter this rank owns: its ZeRO-3 partition, else the (TP-local) tensor."""
+    return p.ds_tensor if _zero3(p) else p.data
+
+
+def _full(p, local: torch.Tensor) -> torch.Tensor:
+    """Undo ZeRO-3 partitioning (over its data-parallel group) and TP sharding of `local`, a view of p's data."""
+    from megatron.core import parallel_state
+    t = local
+    if _zero3(p):
+        group = p.ds_process_group
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, t.contiguous(), group=group)
+        t = torch.cat(parts)[:p.ds_numel].view(p.ds_shape)
+    if getattr(p, "tensor_model_parallel", False) and parallel_state.get_tensor_model_parallel_world_size() > 1:
+        group = parallel_state.get_tensor_model_parallel_group()
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, t.contiguous(), group=group)
+        t = torch.cat(parts, dim=p.partition_dim)
+    return t
+
+
+def plain_name(name: str) -> str:
+    """Parameter name in the plain model (TP wraps megatron layers in `.inner`)."""
+    return name.replace(".inner.", ".")
+
+
+def full_state_dict(model: torch.nn.Module, tensors: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Full tensors of every parameter (or of `tensors`, local values aligned with the parameters), on CPU.
+    Collective: every rank calls it; buffers-free model assumed (STDiT has none)."""
+    out = {}
+    for i, (name, p) in enumerate(model.named_parameters()):
+        local = _local(p) if tensors is None else tensors[i]
+        out[plain_name(name)] = _full(p, local).detach().float().cpu().clone()
+    return out
+
+
+class EMA:
+    """Exponential moving average of the weights this rank owns (ZeRO-3 partition or TP shard), in fp32."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.shadow = [_local(p).detach().float().clone() for p in model.parameters()]
+
+    @torch.no_grad()
+    def update(self, decay: float) -> None:
+        for s, p in zip(self.shadow, self.model.parameters()):
+            s.lerp_(_local(p).float(), 1 - decay)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        return full_state_dict(self.model, self.shadow)
