@@ -1,0 +1,103 @@
+"""Caption encoder: seeded random T5 / CLIP, unpadded, batch-invariant, cached, loadable from a local path."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from stdit.models.text import TextEncoder
+
+SMALL = dict(hidden_size=32, num_layers=1, num_heads=2, ff_size=64)
+CAPS = ["a red square moving left on a blue background", "", "a cyan circle on a black background", "x"]
+
+
+def small(kind, seed=1, **kw):
+    return TextEncoder(kind, seed=seed, **{**SMALL, **kw})
+
+
+@pytest.fixture(scope="module", params=["t5", "clip"])
+def kind_and_encoder(request):
+    return request.param, small(request.param)
+
+
+def test_seeded_and_leaves_global_rng_alone(kind_and_encoder):
+    kind, enc = kind_and_encoder
+    state = torch.get_rng_state()
+    again = small(kind)
+    assert torch.equal(state, torch.get_rng_state())
+    for a, b in zip(again.encode(CAPS), enc.encode(CAPS)):
+        assert torch.equal(a, b)
+    other = small(kind, seed=2)
+    assert not torch.allclose(other.encode(CAPS[:1])[0], enc.encode(CAPS[:1])[0])
+
+
+def test_unpadded_lengths_and_dims(kind_and_encoder):
+    _, enc = kind_and_encoder
+    assert enc.dim == 32 and not enc.model.training
+    assert not any(p.requires_grad for p in enc.parameters())
+    out = enc.encode(CAPS)
+    counts = [len(enc.tokenizer(c).input_ids) for c in CAPS]
+    assert counts == [len(c.encode()) + 1 for c in CAPS]  # ByT5: one token per byte + EOS
+    assert [tuple(o.shape) for o in out] == [(n, 32) for n in counts]
+    assert all(o.dtype == torch.float32 and o.device == enc.device for o in out)
+    assert out[1].shape[0] >= 1  # "" (the unconditional caption) still has its EOS token
+
+
+def test_truncation(kind_and_encoder):
+    kind, _ = kind_and_encoder
+    enc = small(kind, max_length=8)
+    (long,) = enc.encode(["a very long caption indeed"])
+    assert long.shape == (8, 32)
+
+
+def test_batch_equals_one_by_one_and_cache_is_safe(kind_and_encoder):
+    kind, _ = kind_and_encoder
+    batch = small(kind).encode(CAPS)
+    single = small(kind)
+    for c, b in zip(CAPS, batch):
+        torch.testing.assert_close(single.encode([c])[0], b, rtol=1e-5, atol=1e-5)
+    # cached: repeated captions in one call, and a mutated result must not leak into later calls
+    first = single.encode([CAPS[0], CAPS[0]])
+    assert torch.equal(first[0], first[1]) and first[0].data_ptr() != first[1].data_ptr()
+    first[0].zero_()
+    torch.testing.assert_close(single.encode([CAPS[0]])[0], batch[0], rtol=1e-5, atol=1e-5)
+
+
+def test_cache_is_bounded():
+    enc = small("t5", cache_elements=32 * 20)
+    ref = small("t5").encode(CAPS)
+    for _ in range(2):
+        for c, r in zip(CAPS, enc.encode(CAPS)):
+            torch.testing.assert_close(enc.encode([c])[0], r, rtol=1e-5, atol=1e-5)
+    assert enc._cached_elements <= 32 * 20 and sum(v.numel() for v in enc._cache.values()) == enc._cached_elements
+    torch.testing.assert_close(enc.encode(CAPS)[0], ref[0], rtol=1e-5, atol=1e-5)
+
+
+def test_train_mode_keeps_the_encoder_deterministic():
+    enc = small("t5")
+    ref = enc.encode(["abc"])[0]
+    enc.train()
+    assert not enc.model.training
+    enc._cache.clear()
+    assert torch.equal(enc.encode(["abc"])[0], ref)
+
+
+@pytest.mark.parametrize("kind", ["t5", "clip"])
+def test_save_and_load_from_path(kind, tmp_path):
+    enc = small(kind)
+    enc.model.save_pretrained(tmp_path / "enc")
+    enc.tokenizer.save_pretrained(tmp_path / "enc")
+    loaded = TextEncoder.from_config(SimpleNamespace(kind=kind, path=str(tmp_path / "enc"), hidden_size=999,
+                                                     num_layers=9, num_heads=9, ff_size=9, max_length=64, seed=5))
+    assert loaded.dim == 32  # from the checkpoint, not the (ignored) size arguments
+    for a, b in zip(loaded.encode(CAPS), enc.encode(CAPS)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    other = "clip" if kind == "t5" else "t5"
+    with pytest.raises(ValueError, match="text.kind"):
+        TextEncoder(other, path=str(tmp_path / "enc"))
+
+
+def test_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="text.path"):
+        TextEncoder("t5", path=str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match=r"text\.kind.*'t5', 'clip'"):
+        TextEncoder("bert")
