@@ -286,6 +286,8 @@ class Trainer:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    # the deepspeed launcher passes --local_rank=N (LOCAL_RANK is in the environment as well)
+    argv = [a for a in argv if not a.startswith(("--local_rank", "--local-rank"))]
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: stdit train RECIPE [key=value ...]   (or python -m stdit.train RECIPE [key=value ...])")
         raise SystemExit(0 if argv else 2)

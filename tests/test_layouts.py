@@ -73,3 +73,35 @@ def test_layout_matches_single_process(reference, nproc, layout, tmp_path):
     for name in ref_model:
         torch.testing.assert_close(model[name], ref_model[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
         torch.testing.assert_close(ema[name], ref_ema[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"ema {name}: {m}")
+
+
+def _run_srun_style(tmp_path, args):
+    """Two tasks started as srun starts them: rank, size and local rank only in SLURM_* variables."""
+    port = str(_free_port())
+    procs = []
+    for rank in range(2):
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        env.update(SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=port, OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, "-m", "stdit.train", *args], env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    outs = [p.communicate(timeout=600) for p in procs]
+    return max(p.returncode for p in procs), outs[0][1]
+
+
+@pytest.mark.parametrize("launcher", ["deepspeed", "srun-env"])
+def test_other_launchers_match_single_process(reference, launcher, tmp_path):
+    attention, ref_losses, _, _ = reference
+    if attention == "full":
+        pytest.skip("launchers are checked once")
+    args = ["recipes/tiny.yaml", *FAST, f"run.dir={tmp_path}", "parallel.tp=2"]
+    if launcher == "deepspeed":
+        out = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+                              str(_free_port()), "--module", "stdit.train", *args], capture_output=True, text=True,
+                             timeout=600)
+        rc, err = out.returncode, out.stderr
+    else:
+        rc, err = _run_srun_style(tmp_path, args)
+    assert rc == 0, err[-3000:]
+    losses = _losses(tmp_path)
+    assert all(abs(a - b) <= 1e-4 * abs(b) for a, b in zip(losses, ref_losses)) and len(losses) == len(ref_losses)
