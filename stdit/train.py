@@ -21,16 +21,17 @@ from parallel.context import apply_cp, shard_batch
 from parallel.dims import ParallelDims, init_distributed, launch_env
 from parallel.engine import EMA, build_engine, full_state_dict
 from parallel.tensor import apply_tp
-from stdit.config import Config, load_config, to_yaml
+from stdit.config import Config, ConfigError, load_config, to_yaml
 from stdit.data.loader import GlobalBatches, build_dataset
 from stdit.data.video import to_uint8, write_video
 from stdit.diffusion.rectified_flow import SampleDraw, draw, flow_loss_sum, noisy_inputs
 from stdit.diffusion.sampler import sample_videos
+from stdit.flops import forward_flops, peak_flops
 from stdit.metrics import MetricsLogger
 from stdit.models.stdit import ATTENTION_KERNELS, TP_HEAD_SHARED, TP_PLAN, build_model
 from stdit.models.text import TextEncoder
 from stdit.ops import resolve_backend
-from stdit.packing import pack, plan_microbatches, token_counts
+from stdit.packing import grid_of, pack, plan_microbatches, token_counts
 
 
 def resolve_device(name: str) -> torch.device:
@@ -108,7 +109,9 @@ def forward_backward(model, text_encoder, samples, step: int, cfg: Config, devic
         backward(loss_sum * scale)
         loss += loss_sum.item()
     real = sum(counts)
-    return {"loss": loss, "tokens": real, "micro_batches": len(batches),
+    grids = [grid_of(s.video.shape[1:], patch) for s in samples]
+    flops = 3 * forward_flops(cfg.model, texts[0].shape[1], grids, [int(x.shape[0]) for x in texts])
+    return {"loss": loss, "tokens": real, "micro_batches": len(batches), "model_flops": flops,
             "padding_fraction": 1.0 - real / (len(batches) * budget)}
 
 
@@ -135,6 +138,9 @@ class Trainer:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        if cfg.parallel.pp > 1:
+            raise ConfigError(f"parallel.pp={cfg.parallel.pp}: pipeline parallelism is not implemented yet; "
+                              "set parallel.pp=1 (tp, cp, ZeRO and data parallelism are)")
         rank, world, _ = launch_env()
         self.dims = ParallelDims.from_config(cfg, world)  # validates the layout before any process-group work
         self.distributed = world > 1 or cfg.parallel.zero > 0
@@ -232,8 +238,12 @@ class Trainer:
                    "tokens": stats["tokens"], "tokens_seen": self.tokens_seen, "tokens_per_s": stats["tokens"] / dt,
                    "step_time_s": dt, "padding_fraction": stats["padding_fraction"],
                    "micro_batches": stats["micro_batches"], "layout": self.dims.describe()}
+        per_device = stats["model_flops"] / dt / self.dims.world_size
+        metrics["model_tflops_per_s_per_device"] = per_device / 1e12
         if self.device.type == "cuda":
             metrics["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+            if peak_flops(self.device):
+                metrics["mfu"] = per_device / peak_flops(self.device)
         return metrics
 
     def train(self) -> list[dict]:
