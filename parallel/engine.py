@@ -8,12 +8,15 @@ from parallel.dims import MegatronMPU, ParallelDims
 
 
 def deepspeed_config(cfg, dims: ParallelDims, bf16: bool) -> dict:
-    """ZeRO stage, clipping and precision; micro-batching is ours (`managed_gradient_accumulation: false`:
-    every backward accumulates, `step()` is the boundary), so a step may hold any number of micro-batches."""
+    """ZeRO stage, clipping and precision. Without a pipeline, micro-batching is ours
+    (`managed_gradient_accumulation: false`: every backward accumulates, `step()` is the boundary), so a step may
+    hold any number of micro-batches; the pipeline engine counts them itself (set per step)."""
     return {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
-        "managed_gradient_accumulation": False,
+        "managed_gradient_accumulation": dims.pp > 1,
+        # our stage tuple carries several tensors that need gradients: no TP-partitioned activations
+        "pipeline": {"pipe_partitioned": False, "grad_partitioned": False},
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": {"stage": dims.zero, "overlap_comm": False, "contiguous_gradients": True},
         "zero_allow_untested_optimizer": True,
@@ -29,7 +32,8 @@ def build_engine(model, cfg, dims: ParallelDims, lr_lambda, bf16: bool):
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                             weight_decay=cfg.optim.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, mpu=MegatronMPU(),
+    mpu = None if dims.pp > 1 else MegatronMPU()  # a PipelineModule brings its own grid (same rank order)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, mpu=mpu,
                                            config=deepspeed_config(cfg, dims, bf16))
     if dims.zero == 0 and not bf16:
         # Without ZeRO the engine clips fp32 grads with its TP-aware clip_grad_norm_ but drops the norm it
@@ -61,7 +65,9 @@ def _full(p, local: torch.Tensor) -> torch.Tensor:
         parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
         dist.all_gather(parts, t.contiguous(), group=group)
         t = torch.cat(parts)[:p.ds_numel].view(p.ds_shape)
-    if getattr(p, "tensor_model_parallel", False) and parallel_state.get_tensor_model_parallel_world_size() > 1:
+    # TP-sharded: megatron's attributes (a `tensor_model_parallel` mark alone is pipeline.py's norm bookkeeping)
+    sharded = getattr(p, "tensor_model_parallel", False) and hasattr(p, "partition_dim")
+    if sharded and parallel_state.get_tensor_model_parallel_world_size() > 1:
         group = parallel_state.get_tensor_model_parallel_group()
         parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
         dist.all_gather(parts, t.contiguous(), group=group)

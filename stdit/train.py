@@ -20,6 +20,8 @@ from parallel import checkpoint
 from parallel.context import apply_cp, shard_batch
 from parallel.dims import ParallelDims, init_distributed, launch_env
 from parallel.engine import EMA, build_engine, full_state_dict
+from parallel.pipeline import batch_inputs, build_pipeline
+from parallel.pipeline import plain_name as pipe_plain_name
 from parallel.tensor import apply_tp
 from stdit.config import Config, ConfigError, load_config, to_yaml
 from stdit.data.loader import GlobalBatches, build_dataset
@@ -70,14 +72,12 @@ def _filler(budget: int, channels: int, patch, text_dim: int):
     return batch, [SampleDraw(t=0.0, noise=torch.zeros(1, batch.tokens.shape[1]), drop_caption=False)]
 
 
-def forward_backward(model, text_encoder, samples, step: int, cfg: Config, device: torch.device, backward=None,
-                     shard: Shard = Shard()) -> dict:
-    """Loss (this process's part) and accumulated gradients of one global batch.
+def plan_step(text_encoder, samples, step: int, cfg: Config, shard: Shard = Shard()):
+    """This process's micro-batches of one global batch: [(packed batch, draws)], the global loss-token count,
+    and step statistics.
 
     The global batch is packed into micro-batches of the token budget the same way on every process; dp ranks
-    take shares of them, cp ranks slices of each. Each micro-batch adds sum(loss) / (loss tokens of the global
-    batch), scaled by dp*cp because the engine averages gradients over those ranks — so neither the split nor
-    the layout changes the loss or the gradients.
+    take shares of them (padded with fillers to equal counts).
     """
     patch, budget = cfg.model.patch_size, cfg.data.token_budget
     counts = token_counts([s.video.shape[1:] for s in samples], patch)
@@ -92,27 +92,46 @@ def forward_backward(model, text_encoder, samples, step: int, cfg: Config, devic
     shares = assign_microbatches([b.num_real_tokens for b in batches], shard.dp_size)
     mine = [(batches[j], [draws[i] for i in plans[j]]) for j in shares[shard.dp_rank]]
     mine += [_filler(budget, channels, patch, texts[0].shape[1])] * (max(map(len, shares)) - len(mine))
+    real = sum(counts)
+    grids = [grid_of(s.video.shape[1:], patch) for s in samples]
+    flops = 3 * forward_flops(cfg.model, texts[0].shape[1], grids, [int(x.shape[0]) for x in texts])
+    stats = {"tokens": real, "micro_batches": len(batches), "model_flops": flops,
+             "padding_fraction": 1.0 - real / (len(batches) * budget)}
+    return mine, total_loss_tokens, stats
+
+
+def micro_batch_inputs(batch, draws, shard: Shard, device):
+    """(x_t, per-frame t, target, batch) of one micro-batch, cut to this cp rank's slice of the tokens."""
+    batch = batch.to(device)
+    x_t, t_frame, target = noisy_inputs(batch, draws)
+    if shard.cp_size > 1:
+        L = batch.tokens.shape[0]
+        lo, hi = shard.cp_rank * L // shard.cp_size, (shard.cp_rank + 1) * L // shard.cp_size
+        batch, x_t, target = shard_batch(batch, shard.cp_rank, shard.cp_size), x_t[lo:hi], target[lo:hi]
+    return x_t, t_frame, target, batch
+
+
+def forward_backward(model, text_encoder, samples, step: int, cfg: Config, device: torch.device, backward=None,
+                     shard: Shard = Shard()) -> dict:
+    """Loss (this process's part) and accumulated gradients of one global batch.
+
+    Each micro-batch adds sum(loss) / (loss tokens of the global batch), scaled by dp*cp because the engine
+    averages gradients over those ranks — so neither the micro-batch split nor the layout changes the loss or
+    the gradients.
+    """
+    mine, total_loss_tokens, stats = plan_step(text_encoder, samples, step, cfg, shard)
     scale = shard.dp_size * shard.cp_size
     backward = backward or torch.Tensor.backward
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     loss = 0.0
     for batch, batch_draws in mine:
-        batch = batch.to(device)
-        x_t, t_frame, target = noisy_inputs(batch, batch_draws)
-        if shard.cp_size > 1:
-            lo = shard.cp_rank * budget // shard.cp_size
-            hi = lo + budget // shard.cp_size
-            batch, x_t, target = shard_batch(batch, shard.cp_rank, shard.cp_size), x_t[lo:hi], target[lo:hi]
+        x_t, t_frame, target, batch = micro_batch_inputs(batch, batch_draws, shard, device)
         with autocast:
             pred = model(x_t, t_frame, batch)
         loss_sum = flow_loss_sum(pred, target, batch.loss_mask) / total_loss_tokens
         backward(loss_sum * scale)
         loss += loss_sum.item()
-    real = sum(counts)
-    grids = [grid_of(s.video.shape[1:], patch) for s in samples]
-    flops = 3 * forward_flops(cfg.model, texts[0].shape[1], grids, [int(x.shape[0]) for x in texts])
-    return {"loss": loss, "tokens": real, "micro_batches": len(batches), "model_flops": flops,
-            "padding_fraction": 1.0 - real / (len(batches) * budget)}
+    return {"loss": loss, **stats}
 
 
 def lr_lambda(cfg: Config):
@@ -133,14 +152,25 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         e.lerp_(p.detach(), 1 - decay)
 
 
+class PipeLoss:
+    """The pipeline's loss_fn: sum over loss tokens / global count, scaled for the engine's averaging; it also
+    keeps the unscaled sum of this rank's micro-batches for logging."""
+
+    def reset(self, total_loss_tokens: int, factor: float) -> None:
+        self.total, self.factor, self.total_loss = total_loss_tokens, factor, 0.0
+
+    def __call__(self, pred, labels):
+        target, mask = labels
+        loss = flow_loss_sum(pred, target, mask) / self.total
+        self.total_loss += loss.item()
+        return loss * self.factor
+
+
 class Trainer:
     """Build, restore, loop. One process uses plain torch; several (or ZeRO) use megatron-core + DeepSpeed."""
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        if cfg.parallel.pp > 1:
-            raise ConfigError(f"parallel.pp={cfg.parallel.pp}: pipeline parallelism is not implemented yet; "
-                              "set parallel.pp=1 (tp, cp, ZeRO and data parallelism are)")
         rank, world, _ = launch_env()
         self.dims = ParallelDims.from_config(cfg, world)  # validates the layout before any process-group work
         self.distributed = world > 1 or cfg.parallel.zero > 0
@@ -162,6 +192,9 @@ class Trainer:
             from megatron.core import parallel_state as ps
             apply_tp(model, TP_PLAN, TP_HEAD_SHARED)
             apply_cp(model, ATTENTION_KERNELS, ps.get_context_parallel_group())
+            if self.dims.pp > 1:
+                self.pipe_loss = PipeLoss()
+                model = build_pipeline(model, self.dims, self.pipe_loss)
             self.engine = build_engine(model, cfg, self.dims, lr_lambda(cfg), bf16=self.device.type == "cuda")
             self.model, self.ema = self.engine.module, EMA(self.engine.module)
             self.shard = Shard(ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(),
@@ -197,7 +230,7 @@ class Trainer:
             return checkpoint.save(self.run_dir, self.step, self.model, self.ema, self.optimizer, self.scheduler,
                                    {"tokens_seen": self.tokens_seen}, self.config_yaml, self.cfg.checkpoint.keep)
         from safetensors.torch import save_file
-        model, ema = full_state_dict(self.model), self.ema.full_state_dict()  # collective
+        model, ema = self.gather_full(), self.gather_full(self.ema.shadow)  # collective
         out = self.run_dir / "export"
         if self.is_main:
             out.mkdir(parents=True, exist_ok=True)
@@ -205,6 +238,17 @@ class Trainer:
             save_file(ema, str(out / "ema.safetensors"))
             (out / "config.yaml").write_text(self.config_yaml)
         return out
+
+    def gather_full(self, tensors=None) -> dict:
+        """Full weights under the plain model's names, from every TP shard, ZeRO-3 partition and pipeline stage."""
+        state = full_state_dict(self.model, tensors)
+        if self.dims.pp > 1:
+            from megatron.core import parallel_state as ps
+            state = {pipe_plain_name(k, self.cfg.model.depth): v for k, v in state.items()}
+            parts = [None] * self.dims.pp
+            dist.all_gather_object(parts, state, group=ps.get_pipeline_model_parallel_group())
+            state = {k: v for part in parts for k, v in part.items()}
+        return state
 
     def train_step(self) -> dict:
         cfg, start = self.cfg, time.perf_counter()
@@ -218,6 +262,10 @@ class Trainer:
             lr = self.scheduler.get_last_lr()[0]
             self.optimizer.step()
             self.scheduler.step()
+        elif self.dims.pp > 1:
+            lr = self.engine.get_lr()[0]
+            stats = self.pipeline_step(samples)  # forward, backward and optimizer step
+            grad_norm = float(self.engine.get_global_grad_norm() or float("nan"))
         else:
             # through the engine, not its module: its forward starts each micro-step (ZeRO-3 accumulates by it)
             stats = forward_backward(self.engine, self.text_encoder, samples, self.step, cfg, self.device,
@@ -245,6 +293,24 @@ class Trainer:
             if peak_flops(self.device):
                 metrics["mfu"] = per_device / peak_flops(self.device)
         return metrics
+
+    def pipeline_step(self, samples) -> dict:
+        """One step through DeepSpeed's pipeline engine: it runs this rank's micro-batches through the stages."""
+        from megatron.core import parallel_state as ps
+        mine, total, stats = plan_step(self.text_encoder, samples, self.step, self.cfg, self.shard)
+        items = []
+        for batch, draws in mine:
+            x_t, t_frame, target, view = micro_batch_inputs(batch, draws, self.shard, self.device)
+            items.append((batch_inputs(x_t, t_frame, view), (target, view.loss_mask.float())))
+        replicas = self.shard.dp_size * self.shard.cp_size
+        self.engine.set_train_batch_size(len(items) * replicas)
+        # the engine divides each micro-batch loss by their count and averages gradients over dp x cp
+        self.pipe_loss.reset(total, factor=len(items) * replicas)
+        self.engine.train_batch(iter(items))
+        mine_loss = self.pipe_loss.total_loss if self.engine.is_last_stage() and ps.get_tensor_model_parallel_rank() == 0 else 0.0
+        loss = torch.tensor([mine_loss], dtype=torch.float64)
+        dist.all_reduce(loss)
+        return {"loss": loss.item(), **stats}
 
     def train(self) -> list[dict]:
         cfg = self.cfg

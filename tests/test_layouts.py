@@ -28,8 +28,13 @@ LAYOUTS = [  # (processes, overrides)
     (2, ["parallel.zero=3"]),
     (4, ["parallel.tp=2", "parallel.cp=2"]),
     (4, ["parallel.tp=2", "parallel.zero=2"]),      # tp=2, dp=2
+    (2, ["parallel.pp=2"]),
+    (4, ["parallel.pp=2", "parallel.tp=2"]),
+    (4, ["parallel.pp=2", "parallel.zero=1"]),      # pp=2, dp=2
+    (8, ["parallel.tp=2", "parallel.cp=2", "parallel.pp=2"]),
 ]
-FULL_TOO = {"parallel.zero=0", "parallel.cp=2", "parallel.zero=3", "parallel.tp=2 parallel.cp=2"}
+FULL_TOO = {"parallel.zero=0", "parallel.cp=2", "parallel.zero=3", "parallel.tp=2 parallel.cp=2", "parallel.pp=2",
+            "parallel.tp=2 parallel.cp=2 parallel.pp=2"}
 
 
 def _free_port() -> int:
