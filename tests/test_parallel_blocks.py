@@ -84,9 +84,7 @@ def _worker(rank, world, port, tp, cp, attention):
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("tp,cp,attention", [
-    (2, 1, "factorized"), (1, 2, "factorized"), (1, 2, "full"), (2, 2, "factorized"), (2, 2, "full"),
-])
+@pytest.mark.parametrize("tp,cp,attention", [(1, 2, "full"), (2, 2, "factorized")])
 def test_sharded_model_matches_unsharded(tp, cp, attention):
     world = tp * cp
     mp.spawn(_worker, args=(world, _free_port(), tp, cp, attention), nprocs=world, join=True)
