@@ -23,7 +23,7 @@ from parallel.engine import EMA, build_engine, full_state_dict
 from parallel.pipeline import batch_inputs, build_pipeline
 from parallel.pipeline import plain_name as pipe_plain_name
 from parallel.tensor import apply_tp
-from stdit.config import Config, ConfigError, load_config, to_yaml
+from stdit.config import Config, load_config, to_yaml
 from stdit.data.loader import GlobalBatches, build_dataset
 from stdit.data.video import to_uint8, write_video
 from stdit.diffusion.rectified_flow import SampleDraw, draw, flow_loss_sum, noisy_inputs
