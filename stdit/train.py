@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import math
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -318,7 +319,8 @@ class Trainer:
         if self.distributed and cfg.checkpoint.every and self.is_main:
             print("note: periodic checkpoints of parallel runs are not written yet; full weights are exported "
                   "to RUN_DIR/export at the end", file=sys.stderr)
-        history = []
+        history, self.stop_signal = [], None
+        previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGUSR1)}
         bar = tqdm(total=cfg.run.steps, initial=self.step, desc="train", mininterval=2.0, dynamic_ncols=True,
                    disable=not self.is_main)
         while self.step < cfg.run.steps:
@@ -328,16 +330,36 @@ class Trainer:
                 self.logger.log(metrics)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
             bar.update(1)
+            if self._stop_requested():
+                break
             if (not self.distributed and cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0
                     and self.step < cfg.run.steps):
                 self.save()
         bar.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         saved = self.save()
-        self.log_samples(saved)
+        if self.stop_signal is None:
+            self.log_samples(saved)
+        elif self.is_main:
+            print(f"stopped by {self.stop_signal} after step {self.step}; saved {saved}", file=sys.stderr)
         self.logger.close()
         if self.distributed:
             dist.barrier()
         return history
+
+    def _request_stop(self, signum, frame) -> None:
+        """SIGTERM / SIGUSR1 (SLURM's warning before a time limit or preemption): finish the step, save, exit 0."""
+        self.stop_signal = signal.Signals(signum).name
+
+    def _stop_requested(self) -> bool:
+        """Whether any process got a stop signal (agreed by all, so they save the same step together)."""
+        flag = torch.tensor([self.stop_signal is not None], dtype=torch.int32)
+        if self.distributed:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() and self.stop_signal is None:
+                self.stop_signal = "a stop signal on another rank"
+        return bool(flag.item())
 
     def log_samples(self, saved: Path) -> None:
         """Generate a few videos with the EMA weights into RUN_DIR/samples and TensorBoard (main process)."""

@@ -81,3 +81,23 @@ def test_bad_config_fails_before_training_with_the_key(tmp_path):
                           f"run.dir={tmp_path / 'x'}"], capture_output=True, text=True)
     assert out.returncode == 2 and "model.num_heads" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_sigterm_finishes_the_step_saves_and_exits_zero(tmp_path):
+    import signal
+    import time
+    args = ["recipes/tiny.yaml", *FAST, "run.steps=100000", f"run.dir={tmp_path}"]
+    proc = subprocess.Popen([sys.executable, "-m", "stdit.train", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    last = json.loads(metrics.read_text().splitlines()[-1])["step"]
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == f"step_{last:08d}"
+    assert "stopped by SIGTERM" in err
+    resumed = _train(tmp_path, f"run.steps={last + 1}")
+    assert [m["step"] for m in resumed] == [last + 1]
