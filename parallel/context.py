@@ -14,15 +14,19 @@ import torch.nn as nn
 from stdit.packing import PackedBatch, Segments
 
 
+def local_tokens(length: int, rank: int, size: int) -> slice:
+    """The contiguous slice of a packed sequence that cp rank `rank` of `size` holds."""
+    if length % size:
+        raise ValueError(f"data.token_budget={length} is not divisible by parallel.cp={size}")
+    return slice(rank * length // size, (rank + 1) * length // size)
+
+
 def shard_batch(batch: PackedBatch, rank: int, size: int) -> PackedBatch:
     """This cp rank's view: per-token fields cut to its contiguous slice; segment boundaries stay global."""
-    L = batch.tokens.shape[0]
-    if L % size:
-        raise ValueError(f"data.token_budget={L} is not divisible by parallel.cp={size}")
-    lo, hi = rank * L // size, (rank + 1) * L // size
-    return dataclasses.replace(batch, tokens=batch.tokens[lo:hi], coords=batch.coords[lo:hi],
-                               token_sample=batch.token_sample[lo:hi], token_frame=batch.token_frame[lo:hi],
-                               loss_mask=batch.loss_mask[lo:hi])
+    s = local_tokens(batch.tokens.shape[0], rank, size)
+    return dataclasses.replace(batch, tokens=batch.tokens[s], coords=batch.coords[s],
+                               token_sample=batch.token_sample[s], token_frame=batch.token_frame[s],
+                               loss_mask=batch.loss_mask[s])
 
 
 def _seq_to_heads(x: torch.Tensor, group) -> torch.Tensor:

@@ -26,14 +26,11 @@ def deepspeed_config(cfg, dims: ParallelDims, bf16: bool) -> dict:
     }
 
 
-def build_engine(model, cfg, dims: ParallelDims, lr_lambda, bf16: bool):
-    """deepspeed.initialize with a client torch AdamW (no JIT-built fused op) and a LambdaLR schedule."""
+def build_engine(model, optimizer, scheduler, cfg, dims: ParallelDims, bf16: bool):
+    """deepspeed.initialize with a client torch optimizer (no JIT-built fused op) and its LR schedule."""
     import deepspeed
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-                            weight_decay=cfg.optim.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
     mpu = None if dims.pp > 1 else MegatronMPU()  # a PipelineModule brings its own grid (same rank order)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, mpu=mpu,
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, mpu=mpu,
                                            config=deepspeed_config(cfg, dims, bf16))
     if dims.zero == 0 and not bf16:
         # Without ZeRO the engine clips fp32 grads with its TP-aware clip_grad_norm_ but drops the norm it

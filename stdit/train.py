@@ -18,7 +18,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from parallel import checkpoint
-from parallel.context import apply_cp, shard_batch
+from parallel.context import apply_cp, local_tokens, shard_batch
 from parallel.dims import ParallelDims, init_distributed, launch_env
 from parallel.engine import EMA, build_engine, full_state_dict
 from parallel.pipeline import batch_inputs, build_pipeline
@@ -106,9 +106,8 @@ def micro_batch_inputs(batch, draws, shard: Shard, device):
     batch = batch.to(device)
     x_t, t_frame, target = noisy_inputs(batch, draws)
     if shard.cp_size > 1:
-        L = batch.tokens.shape[0]
-        lo, hi = shard.cp_rank * L // shard.cp_size, (shard.cp_rank + 1) * L // shard.cp_size
-        batch, x_t, target = shard_batch(batch, shard.cp_rank, shard.cp_size), x_t[lo:hi], target[lo:hi]
+        mine = local_tokens(batch.tokens.shape[0], shard.cp_rank, shard.cp_size)
+        batch, x_t, target = shard_batch(batch, shard.cp_rank, shard.cp_size), x_t[mine], target[mine]
     return x_t, t_frame, target, batch
 
 
@@ -195,8 +194,13 @@ class Trainer:
             apply_cp(model, ATTENTION_KERNELS, ps.get_context_parallel_group())
             if self.dims.pp > 1:
                 self.pipe_loss = PipeLoss()
-                model = build_pipeline(model, self.dims, self.pipe_loss)
-            self.engine = build_engine(model, cfg, self.dims, lr_lambda(cfg), bf16=self.device.type == "cuda")
+                model = build_pipeline(model, self.dims, self.pipe_loss)  # keeps this stage's layers
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                           eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+        if self.distributed:
+            self.engine = build_engine(model, self.optimizer, self.scheduler, cfg, self.dims,
+                                       bf16=self.device.type == "cuda")
             self.model, self.ema = self.engine.module, EMA(self.engine.module)
             self.shard = Shard(ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(),
                                ps.get_context_parallel_rank(), ps.get_context_parallel_world_size())
@@ -204,9 +208,6 @@ class Trainer:
         else:
             self.engine, self.model, self.shard = None, model, Shard()
             self.ema = copy.deepcopy(model).requires_grad_(False)
-            self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                                               eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
-            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.batches = GlobalBatches(build_dataset(cfg.data, cfg.run.seed), cfg.data.batch_size, cfg.run.seed)
         self.logger = MetricsLogger(self.run_dir, enabled=self.is_main)
         self.step, self.tokens_seen = 0, 0
