@@ -1,91 +1,376 @@
-"""Checkpoints of a run: RUN_DIR/checkpoints/step_XXXXXXXX/ plus a `latest` pointer.
+"""Checkpoints of a run: RUN_DIR/checkpoints/step_XXXXXXXX/ and a `latest` pointer.
 
-A checkpoint is written under a temporary name and renamed when complete, and `latest` is replaced
-atomically after that, so a crash at any moment leaves the previous checkpoint loadable.
-(Single-process form: the sharded engine state of a parallel run plugs in here.)
+A checkpoint directory holds
+  engine/              DeepSpeed's sharded model and optimizer state (engine.save_checkpoint: each rank its shard)
+  ema/                 the EMA weights, sharded like the model (one file per pp x tp [x dp under ZeRO-3] shard)
+  full/                the layout-free copy: full fp32 tensors under the plain model's names (model/, ema/,
+                       exp_avg/, exp_avg_sq/), spread over the ranks' files. A resume on another layout, export
+                       and generation read it; a single process writes only this.
+  rng/rank_XXXXX.pt    every rank's RNG states
+  trainer.pt           LR scheduler state and counters
+  meta.json            step, tokens and samples seen, layout, the model's parameter shapes
+  config.yaml          the resolved config
+  manifest.json        every file with its size, written last: a missing or truncated shard is named on load
+
+Every rank writes under `.tmp-step_X`; once all have finished (barrier), rank 0 writes the manifest, renames
+the directory and only then replaces `latest`, so a kill at any moment leaves the previous checkpoint loadable.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+from parallel.engine import _full, _local, _zero3, gather_tp, slice_tp, zero3_partition
+
+OPTIM_KEYS = ("exp_avg", "exp_avg_sq")
+ENGINE_TAG = "state"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded; the message names the file or the keys."""
 
 
 def checkpoints_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
+def _is_complete(path: Path) -> bool:
+    return (path / "manifest.json").is_file()
+
+
 def latest(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint of a run, or None."""
-    pointer = checkpoints_dir(run_dir) / "latest"
-    if not pointer.is_file():
-        return None
-    path = checkpoints_dir(run_dir) / pointer.read_text().strip()
-    return path if path.is_dir() else None
-
-
-def _state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-
-
-def save(run_dir, step: int, model, ema, optimizer, scheduler, extra: dict, config_yaml: str, keep: int) -> Path:
-    """Write checkpoint `step` and point `latest` at it; keep the `keep` newest."""
+    """The newest complete checkpoint of a run (`latest`, or the newest step_* with a manifest), or None."""
     root = checkpoints_dir(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    name = f"step_{step:08d}"
-    tmp = root / f".tmp-{name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(_state_dict(model), str(tmp / "model.safetensors"))
-    save_file(_state_dict(ema), str(tmp / "ema.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                "extra": extra, "rng_cpu": torch.get_rng_state(),
-                "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-               tmp / "state.pt")
-    (tmp / "config.yaml").write_text(config_yaml)
-    final = root / name
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    pointer_tmp = root / ".latest.tmp"
-    pointer_tmp.write_text(name + "\n")
-    os.replace(pointer_tmp, root / "latest")
-    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    pointer = root / "latest"
+    if pointer.is_file() and _is_complete(root / pointer.read_text().strip()):
+        return root / pointer.read_text().strip()
+    done = sorted(p for p in root.glob("step_*") if _is_complete(p))
+    return done[-1] if done else None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------------------------------
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def begin(run_dir, step: int) -> Path:
+    """The temporary directory every rank writes checkpoint `step` into (collective)."""
+    tmp = checkpoints_dir(run_dir) / f".tmp-step_{step:08d}"
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run
+        tmp.mkdir(parents=True)
+    _barrier()
+    return tmp
+
+
+def commit(run_dir, tmp: Path, keep: int) -> Path:
+    """After every rank has written its part: manifest, rename, `latest`, prune to `keep` (collective)."""
+    _barrier()
+    root, final = checkpoints_dir(run_dir), checkpoints_dir(run_dir) / tmp.name.removeprefix(".tmp-")
+    if _rank() == 0:
+        files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+        _write_atomic(tmp / "manifest.json", json.dumps(files, indent=1))
+        if final.exists():  # re-reaching a step (resumed from an older checkpoint): move the old one aside first
+            old = root / f".old-{final.name}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            shutil.rmtree(old)
+        os.replace(tmp, final)
+        _write_atomic(root / "latest", final.name + "\n")
+        older = sorted(p for p in root.glob("step_*") if p.is_dir() and p.name < final.name)
+        for old in older[:max(len(older) - (keep - 1), 0)]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
     return final
 
 
-def load_weights(module: torch.nn.Module, path: Path) -> None:
-    """Load a safetensors file into a module; a shape or key mismatch names the differing keys."""
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    import random
+
+    import numpy as np
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def base_optimizer(optimizer):
+    """The torch optimizer that holds the Adam state (DeepSpeed's ZeRO wrappers keep it as `.optimizer`)."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def optimizer_step(optimizer) -> float:
+    """Adam's step count (the same for every parameter: all are updated each step); 0 before the first step."""
+    states = [s for s in base_optimizer(optimizer).state.values() if "step" in s]
+    return float(states[0]["step"]) if states else 0.0
+
+
+def _optimizer_state_full(p, key: str, optimizer) -> torch.Tensor:
+    """Full (TP-gathered) Adam state `key` of parameter p, whatever owns it (collective)."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+    if optimizer_step(optimizer) == 0:
+        value = torch.zeros_like(_full_shape_local(p))
+    elif _zero3(p) or hasattr(p, "_hp_mapping"):
+        value = safe_get_full_optimizer_state(p, key)  # gathered over the ZeRO partitions
+    else:
+        value = base_optimizer(optimizer).state[p][key]
+    return gather_tp(p, value)
+
+
+def _full_shape_local(p) -> torch.Tensor:
+    """An empty-valued tensor shaped like p's TP-local tensor (ZeRO-3 keeps p.data empty)."""
+    return torch.empty(p.ds_shape, dtype=torch.float32, device=p.ds_tensor.device) if _zero3(p) else p.data.float()
+
+
+def _weight_full(p) -> torch.Tensor:
+    """Full fp32 weight: ZeRO's fp32 master where there is one, else the module's tensor (collective)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+    master = safe_get_full_fp32_param(p) if (_zero3(p) or hasattr(p, "_hp_mapping")) else None
+    return gather_tp(p, master) if master is not None else _full(p, _local(p))
+
+
+def write_full(tmp: Path, named_params: list, ema: list, optimizer, rank_in_stage: int, stage_size: int) -> None:
+    """The layout-free copy of this pipeline stage's parameters. Every rank of the stage joins each gather; the
+    parameters are written round-robin by the stage's ranks, so no rank holds more than its share."""
+    mine = {}
+    for i, ((name, p), e) in enumerate(zip(named_params, ema)):
+        entries = {"model": _weight_full(p), "ema": _full(p, e),
+                   **{k: _optimizer_state_full(p, k, optimizer) for k in OPTIM_KEYS}}
+        if i % stage_size == rank_in_stage:
+            mine.update({f"{kind}/{name}": t.float() for kind, t in entries.items()})
+    if mine:
+        write_tensors(tmp / "full" / f"rank_{_rank():05d}.safetensors", mine)
+
+
+def write_rank_state(tmp: Path) -> None:
+    (tmp / "rng").mkdir(exist_ok=True)
+    torch.save(rng_state(), tmp / "rng" / f"rank_{_rank():05d}.pt")
+
+
+def write_main(tmp: Path, meta: dict, trainer_state: dict, config_yaml: str) -> None:
+    """Rank 0's part: meta.json, trainer.pt, config.yaml."""
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    torch.save(trainer_state, tmp / "trainer.pt")
+    (tmp / "config.yaml").write_text(config_yaml)
+
+
+def ema_shard_name(pp: int, tp: int, dp: int) -> str:
+    return f"pp{pp:02d}_tp{tp:02d}_dp{dp:03d}.safetensors"
+
+
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file {path} is missing (incomplete or corrupt checkpoint)")
+        raise CheckpointError(f"{path} is missing (a shard of this checkpoint)")
     try:
-        state = load_file(str(path))
+        return load_file(str(path))
     except Exception as e:
-        raise ValueError(f"checkpoint file {path} cannot be read ({e}); it is truncated or corrupt") from None
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shape = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or shape:
-        details = [f"missing: {missing}" if missing else "", f"unexpected: {unexpected}" if unexpected else "",
-                   "shape differs: " + ", ".join(f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                                                 for k in shape) if shape else ""]
-        raise ValueError(f"checkpoint {path} does not match the configured model; "
-                         + "; ".join(d for d in details if d))
+        raise CheckpointError(f"{path} cannot be read ({e}); it is truncated or corrupt") from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------------------------------------
+
+def verify(path: str | Path) -> Path:
+    """A complete checkpoint directory, or an error naming what is missing or truncated."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    manifest = path / "manifest.json"
+    if not manifest.is_file():
+        raise CheckpointError(f"checkpoint {path} is incomplete (no manifest.json): its writing was interrupted; "
+                              "resume from an earlier one")
+    for rel, size in json.loads(manifest.read_text()).items():
+        f = path / rel
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint {path} is missing {rel} (a shard or state file); it cannot be loaded")
+        if f.stat().st_size != size:
+            raise CheckpointError(f"checkpoint {path}: {rel} is truncated or altered ({f.stat().st_size} bytes, "
+                                  f"{size} written)")
+    return path
+
+
+def read_meta(path: Path) -> dict:
+    return json.loads((path / "meta.json").read_text())
+
+
+def check_shapes(path: Path, meta: dict, model_shapes: dict[str, tuple]) -> None:
+    """The configured model's parameters must be the checkpoint's; the error lists the keys that differ."""
+    saved = {k: tuple(v) for k, v in meta["params"].items()}
+    missing, extra = sorted(set(model_shapes) - set(saved)), sorted(set(saved) - set(model_shapes))
+    shape = sorted(k for k in set(saved) & set(model_shapes) if saved[k] != tuple(model_shapes[k]))
+    if missing or extra or shape:
+        parts = [f"not in the checkpoint: {missing}" if missing else "",
+                 f"not in the model: {extra}" if extra else "",
+                 "shape differs: " + ", ".join(f"{k} {saved[k]} in the checkpoint vs {tuple(model_shapes[k])}"
+                                               for k in shape) if shape else ""]
+        raise CheckpointError(f"checkpoint {path} does not match the configured model (model.* keys); "
+                              + "; ".join(p for p in parts if p))
+
+
+class FullTensors:
+    """Lazy reader of a checkpoint's layout-free tensors: `get('model', name)` reads one tensor."""
+
+    def __init__(self, path: Path):
+        files = sorted((path / "full").glob("*.safetensors"))
+        self.index = {}
+        for f in files:
+            try:
+                with safe_open(str(f), "pt") as h:
+                    self.index.update({k: f for k in h.keys()})
+            except Exception as e:
+                raise CheckpointError(f"{f} cannot be read ({e}); it is truncated or corrupt") from None
+        self.path = path
+
+    def get(self, kind: str, name: str) -> torch.Tensor:
+        key = f"{kind}/{name}"
+        if key not in self.index:
+            raise CheckpointError(f"checkpoint {self.path} holds no {key}")
+        with safe_open(str(self.index[key]), "pt") as h:
+            return h.get_tensor(key)
+
+    def state_dict(self, kind: str) -> dict[str, torch.Tensor]:
+        prefix = kind + "/"
+        return {k[len(prefix):]: self.get(kind, k[len(prefix):]) for k in self.index if k.startswith(prefix)}
+
+
+def read_weights(path: str | Path, kind: str = "ema") -> dict[str, torch.Tensor]:
+    """Full weights (`ema` or `model`) of a checkpoint directory or of an exported directory."""
+    path = Path(path)
+    if (path / f"{kind}.safetensors").is_file():
+        return read_tensors(path / f"{kind}.safetensors")
+    return FullTensors(verify(path)).state_dict(kind)
+
+
+def load_weights(module: torch.nn.Module, path: str | Path, kind: str = "ema") -> None:
+    """Load full weights into a plain model; a key or shape mismatch lists the differing keys."""
+    state = read_weights(path, kind)
+    check_shapes(Path(path), {"params": {k: list(v.shape) for k, v in state.items()}},
+                 {k: tuple(v.shape) for k, v in module.state_dict().items()})
     module.load_state_dict(state)
 
 
-def load(path: Path, model, ema, optimizer, scheduler) -> dict:
-    """Restore everything `save` wrote; returns {'step': ..., **extra}."""
-    load_weights(model, path / "model.safetensors")
-    load_weights(ema, path / "ema.safetensors")
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng_cpu"])
-    if state["rng_cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng_cuda"])
-    return {"step": state["step"], **state["extra"]}
+@torch.no_grad()
+def load_full_state(full: FullTensors, named_params: list, ema: list, optimizer, step: float) -> None:
+    """Fill fp32 masters, Adam state and EMA of this rank's (sharded) parameters from full tensors, on any layout.
+    The module weights were loaded into the plain model before it was sharded."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+    base = base_optimizer(optimizer)
+    # Adam's state, as torch.optim.AdamW lays it out after `step` steps, for the tensors it updates (ZeRO-3
+    # empties its param groups between steps and keeps the flat partitions aside)
+    flat = getattr(optimizer, "fp32_partitioned_groups_flat", None)
+    for q in flat if flat is not None else [q for g in base.param_groups for q in g["params"]]:
+        state = base.state[q]  # DeepSpeed links views of this dict's tensors: fill it, do not replace it
+        state["step"] = torch.tensor(step, dtype=torch.float32)
+        for k in OPTIM_KEYS:
+            state[k] = torch.zeros_like(q)
+    if hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2, bf16: link views of that state
+        optimizer._hp_optimizer_states_linked = False
+        optimizer._lazy_init_hp_params_optimizer_state()
+    for (name, p), e in zip(named_params, ema):
+        weight = slice_tp(p, full.get("model", name))
+        values = {k: slice_tp(p, full.get(k, name)).to(e.device) for k in OPTIM_KEYS}
+        if _zero3(p):
+            # DeepSpeed's stage-3 setter narrows past the end of an unevenly split tensor: slice it ourselves
+            for key, v in [(None, weight), *values.items()]:
+                part, _ = optimizer._get_fp32_opt_state_partition(p, release_swap_buffers=False, optim_state_key=key)
+                part.copy_(zero3_partition(p, v.to(part.device))[:part.numel()])
+        elif hasattr(p, "_hp_mapping"):
+            safe_set_full_fp32_param(p, weight.to(p.device))
+            for k, v in values.items():
+                safe_set_full_optimizer_state(p, v, k)
+        else:
+            for k, v in values.items():
+                base.state[p][k].copy_(v)
+        ema_full = slice_tp(p, full.get("ema", name))
+        e.copy_(zero3_partition(p, ema_full) if _zero3(p) else ema_full.view_as(e))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Inspection and export (`stdit ckpt info | export`)
+# ----------------------------------------------------------------------------------------------------------
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint directory, or a run directory's newest complete checkpoint; verified."""
+    path = Path(path)
+    if not (path / "manifest.json").is_file() and (checkpoints_dir(path)).is_dir():
+        found = latest(path)
+        if found is None:
+            raise CheckpointError(f"run {path} holds no complete checkpoint")
+        path = found
+    return verify(path)
+
+
+def describe(path: str | Path) -> str:
+    """What a checkpoint holds, for `stdit ckpt info`."""
+    path = resolve(path)
+    meta, files = read_meta(path), json.loads((path / "manifest.json").read_text())
+    params = sum(torch.Size(s).numel() for s in meta["params"].values())
+
+    def part(prefix: str) -> str:
+        sel = {k: v for k, v in files.items() if k.startswith(prefix)}
+        return f"{len(sel)} files, {sum(sel.values()) / 2 ** 20:.2f} MiB" if sel else "none"
+    return "\n".join([
+        f"checkpoint   {path}",
+        f"step         {meta['step']} (optimizer step {meta['optimizer_step']:.0f})",
+        f"data         {meta['samples_seen']} samples, {meta['tokens_seen']} tokens seen",
+        f"layout       {meta['layout']} ({meta['world_size']} processes)",
+        f"model        {len(meta['params'])} tensors, {params:,} parameters",
+        f"engine/      {part('engine/')}  (DeepSpeed shards: resume on the same layout)",
+        f"ema/         {part('ema/')}  (EMA shards)",
+        f"full/        {part('full/')}  (layout-free model, EMA, Adam state: any layout, export)",
+        f"complete     yes: {len(files)} files, sizes as written",
+    ])
+
+
+def export(path: str | Path, out: str | Path) -> Path:
+    """Consolidated EMA and raw weights (safetensors) plus the resolved config: what `stdit generate --run OUT`
+    loads on any single device."""
+    path, out = resolve(path), Path(out)
+    if (out / "ema.safetensors").exists() or (out / "model.safetensors").exists():
+        raise CheckpointError(f"{out} already holds exported weights; choose another directory or remove them")
+    full = FullTensors(path)
+    out.mkdir(parents=True, exist_ok=True)
+    for kind in ("ema", "model"):
+        save_file(full.state_dict(kind), str(out / f"{kind}.safetensors"),
+                  metadata={"step": str(read_meta(path)["step"]), "source": str(path)})
+    shutil.copyfile(path / "config.yaml", out / "config.yaml")
+    return out

@@ -1,4 +1,4 @@
-"""DeepSpeed engine from ParallelDims + optim config; EMA and full-weight gathering that work on every layout."""
+"""DeepSpeed engine from ParallelDims + optim config; EMA and full-tensor gather / shard helpers for every layout."""
 from __future__ import annotations
 
 import torch
@@ -53,38 +53,56 @@ def _local(p) -> torch.Tensor:
     return p.ds_tensor if _zero3(p) else p.data
 
 
+def _tp_sharded(p) -> bool:
+    """TP-sharded by megatron (a `tensor_model_parallel` mark alone is pipeline.py's norm bookkeeping)."""
+    if not (getattr(p, "tensor_model_parallel", False) and hasattr(p, "partition_dim")):
+        return False
+    from megatron.core import parallel_state
+    return parallel_state.get_tensor_model_parallel_world_size() > 1
+
+
+def gather_tp(p, t: torch.Tensor) -> torch.Tensor:
+    """The full tensor from this rank's TP shard `t` of parameter p (concatenated over the TP group)."""
+    if not _tp_sharded(p):
+        return t
+    from megatron.core import parallel_state
+    group = parallel_state.get_tensor_model_parallel_group()
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.cat(parts, dim=p.partition_dim)
+
+
+def slice_tp(p, full: torch.Tensor) -> torch.Tensor:
+    """This rank's TP shard of a full tensor of parameter p (the inverse of gather_tp, as apply_tp cuts)."""
+    if not _tp_sharded(p):
+        return full
+    from megatron.core import parallel_state
+    tp, rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
+    return full.chunk(tp, dim=p.partition_dim)[rank].contiguous()
+
+
+def zero3_partition(p, t: torch.Tensor) -> torch.Tensor:
+    """This rank's ZeRO-3 partition of a (TP-local) tensor of parameter p: a slice of the flat tensor, padded."""
+    size, rank = dist.get_world_size(p.ds_process_group), dist.get_rank(p.ds_process_group)
+    part = p.ds_tensor.numel()
+    flat = torch.nn.functional.pad(t.reshape(-1), (0, part * size - t.numel()))
+    return flat[rank * part:(rank + 1) * part].clone()
+
+
 def _full(p, local: torch.Tensor) -> torch.Tensor:
     """Undo ZeRO-3 partitioning (over its data-parallel group) and TP sharding of `local`, a view of p's data."""
-    from megatron.core import parallel_state
     t = local
     if _zero3(p):
         group = p.ds_process_group
         parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
         dist.all_gather(parts, t.contiguous(), group=group)
         t = torch.cat(parts)[:p.ds_numel].view(p.ds_shape)
-    # TP-sharded: megatron's attributes (a `tensor_model_parallel` mark alone is pipeline.py's norm bookkeeping)
-    sharded = getattr(p, "tensor_model_parallel", False) and hasattr(p, "partition_dim")
-    if sharded and parallel_state.get_tensor_model_parallel_world_size() > 1:
-        group = parallel_state.get_tensor_model_parallel_group()
-        parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, t.contiguous(), group=group)
-        t = torch.cat(parts, dim=p.partition_dim)
-    return t
+    return gather_tp(p, t)
 
 
 def plain_name(name: str) -> str:
     """Parameter name in the plain model (TP wraps megatron layers in `.inner`)."""
     return name.replace(".inner.", ".")
-
-
-def full_state_dict(model: torch.nn.Module, tensors: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """Full tensors of every parameter (or of `tensors`, local values aligned with the parameters), on CPU.
-    Collective: every rank calls it; buffers-free model assumed (STDiT has none)."""
-    out = {}
-    for i, (name, p) in enumerate(model.named_parameters()):
-        local = _local(p) if tensors is None else tensors[i]
-        out[plain_name(name)] = _full(p, local).detach().float().cpu().clone()
-    return out
 
 
 class EMA:
@@ -98,6 +116,3 @@ class EMA:
     def update(self, decay: float) -> None:
         for s, p in zip(self.shadow, self.model.parameters()):
             s.lerp_(_local(p).float(), 1 - decay)
-
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        return full_state_dict(self.model, self.shadow)

@@ -8,6 +8,8 @@ USAGE = """usage: stdit COMMAND ...
 commands:
   train RECIPE [key=value ...]   train (same as python -m stdit.train)
   generate --run RUN_DIR --prompt TEXT [--frames N --height H --width W] --out FILE
+  ckpt info PATH                 what a checkpoint (or a run's newest one) holds; checks it is complete
+  ckpt export PATH OUT           consolidated EMA + raw weights (safetensors) and config, for `generate --run OUT`
 """
 
 
@@ -17,6 +19,7 @@ def main(argv: list[str] | None = None) -> None:
         print(USAGE)
         raise SystemExit(0 if argv else 2)
     command, rest = argv[0], argv[1:]
+    from parallel.checkpoint import CheckpointError
     from stdit.config import ConfigError
     try:
         if command == "train":
@@ -25,11 +28,25 @@ def main(argv: list[str] | None = None) -> None:
         elif command == "generate":
             from stdit import generate
             generate.main(rest)
+        elif command == "ckpt":
+            ckpt(rest)
         else:
             print(f"stdit: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
             raise SystemExit(2)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, FileNotFoundError) as e:
         print(f"stdit {command}: error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def ckpt(argv: list[str]) -> None:
+    from parallel import checkpoint
+    if len(argv) == 2 and argv[0] == "info":
+        print(checkpoint.describe(argv[1]))
+    elif len(argv) == 3 and argv[0] == "export":
+        out = checkpoint.export(argv[1], argv[2])
+        print(f"wrote {out}/ema.safetensors, model.safetensors, config.yaml (stdit generate --run {out} ...)")
+    else:
+        print(f"usage: stdit ckpt info PATH | stdit ckpt export PATH OUT\n\n{USAGE}", file=sys.stderr)
         raise SystemExit(2)
 
 

@@ -17,13 +17,13 @@ from stdit.train import resolve_device
 
 
 def find_checkpoint(path: Path) -> Path:
-    """A run directory (its latest checkpoint) or a checkpoint directory itself."""
-    if (path / "ema.safetensors").is_file():
+    """A run directory (its latest checkpoint), a checkpoint directory, or an exported one (`stdit ckpt export`)."""
+    if (path / "ema.safetensors").is_file() or (path / "manifest.json").is_file():
         return path
     found = checkpoint.latest(path)
     if found is None:
-        raise FileNotFoundError(f"{path} holds no checkpoint (no checkpoints/latest and no ema.safetensors); "
-                                "train first or pass a checkpoint directory")
+        raise FileNotFoundError(f"{path} holds no checkpoint (no complete checkpoints/step_* and no exported "
+                                "ema.safetensors); train first or pass a checkpoint directory")
     return found
 
 
@@ -34,7 +34,7 @@ def load_for_generation(run: str | Path, device: str = "auto", weights: str = "e
     dev = resolve_device(cfg.run.device)
     text_encoder = TextEncoder.from_config(cfg.text).to(dev)
     model = build_model(cfg.model, text_encoder.dim)
-    checkpoint.load_weights(model, ckpt / f"{weights}.safetensors")
+    checkpoint.load_weights(model, ckpt, weights)
     return model.to(dev).eval(), text_encoder, cfg
 
 

@@ -20,7 +20,8 @@ from tqdm import tqdm
 from parallel import checkpoint
 from parallel.context import apply_cp, local_tokens, shard_batch
 from parallel.dims import ParallelDims, init_distributed, launch_env
-from parallel.engine import EMA, build_engine, full_state_dict
+from parallel.engine import EMA, build_engine
+from parallel.engine import plain_name as tp_plain_name
 from parallel.pipeline import batch_inputs, build_pipeline
 from parallel.pipeline import plain_name as pipe_plain_name
 from parallel.tensor import apply_tp
@@ -177,9 +178,10 @@ class Trainer:
         self.is_main = rank == 0
         self.device = resolve_device(cfg.run.device)
         resolve_backend(cfg.model.attention_backend, self.device)  # fail now, not in the first forward
+        self.run_dir = Path(cfg.run.dir)
+        self.resume_from = self._resume_path()  # checked before any process-group work
         if self.distributed:
             init_distributed(self.dims)
-        self.run_dir = Path(cfg.run.dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.config_yaml = to_yaml(cfg)
         if self.is_main:
@@ -188,6 +190,16 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)  # every rank builds the same full model, then keeps its shard
         self.text_encoder = TextEncoder.from_config(cfg.text).to(self.device)
         model = build_model(cfg.model, self.text_encoder.dim).to(self.device)
+        self.param_shapes = {k: list(v.shape) for k, v in model.named_parameters()}
+        self.resume_meta, self.full = None, None
+        if self.resume_from is not None:
+            self.resume_meta = checkpoint.read_meta(self.resume_from)
+            checkpoint.check_shapes(self.resume_from, self.resume_meta, self.param_shapes)
+            self.same_layout = (self.resume_meta["layout"] == self.dims.describe()
+                                and (self.resume_from / "engine").is_dir())
+            if not (self.distributed and self.same_layout):  # the layout-free route: full weights before sharding
+                self.full = checkpoint.FullTensors(self.resume_from)
+                model.load_state_dict(self.full.state_dict("model"))
         if self.distributed:
             from megatron.core import parallel_state as ps
             apply_tp(model, TP_PLAN, TP_HEAD_SHARED)
@@ -212,45 +224,99 @@ class Trainer:
         self.logger = MetricsLogger(self.run_dir, enabled=self.is_main)
         self.step, self.tokens_seen = 0, 0
 
-    def restore(self) -> None:
-        mode = self.cfg.checkpoint.resume
-        if self.distributed:
-            if mode not in ("auto", "never"):
-                raise NotImplementedError("checkpoint.resume=PATH needs one process: parallel checkpoints are "
-                                          "not written yet")
-            return
-        path = None if mode == "never" else (checkpoint.latest(self.run_dir) if mode == "auto" else Path(mode))
-        if path is None:
-            return
-        state = checkpoint.load(path, self.model, self.ema, self.optimizer, self.scheduler)
-        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
-        print(f"resumed from {path} at step {self.step}", file=sys.stderr)
+    # ------------------------------------------------------------------------------------------------------
+    # Checkpoints (parallel/checkpoint.py holds the format)
+    # ------------------------------------------------------------------------------------------------------
 
-    def save(self) -> Path:
-        """Single process: a resumable checkpoint. Parallel: full (gathered) weights in RUN_DIR/export."""
-        if not self.distributed:
-            return checkpoint.save(self.run_dir, self.step, self.model, self.ema, self.optimizer, self.scheduler,
-                                   {"tokens_seen": self.tokens_seen}, self.config_yaml, self.cfg.checkpoint.keep)
-        from safetensors.torch import save_file
-        model, ema = self.gather_full(), self.gather_full(self.ema.shadow)  # collective
-        out = self.run_dir / "export"
-        if self.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            save_file(model, str(out / "model.safetensors"))
-            save_file(ema, str(out / "ema.safetensors"))
-            (out / "config.yaml").write_text(self.config_yaml)
+    def _resume_path(self) -> Path | None:
+        mode = self.cfg.checkpoint.resume
+        if mode == "never":
+            return None
+        if mode == "auto":
+            return checkpoint.latest(self.run_dir)
+        return checkpoint.verify(mode)
+
+    def named_params(self) -> list:
+        """(plain model name, parameter) of this rank's parameters, in the module's order."""
+        out = []
+        for name, p in self.model.named_parameters():
+            if self.dims.pp > 1:
+                name = pipe_plain_name(name, self.cfg.model.depth)
+            out.append((tp_plain_name(name), p))
         return out
 
-    def gather_full(self, tensors=None) -> dict:
-        """Full weights under the plain model's names, from every TP shard, ZeRO-3 partition and pipeline stage."""
-        state = full_state_dict(self.model, tensors)
-        if self.dims.pp > 1:
-            from megatron.core import parallel_state as ps
-            state = {pipe_plain_name(k, self.cfg.model.depth): v for k, v in state.items()}
-            parts = [None] * self.dims.pp
-            dist.all_gather_object(parts, state, group=ps.get_pipeline_model_parallel_group())
-            state = {k: v for part in parts for k, v in part.items()}
-        return state
+    def ema_tensors(self) -> list[torch.Tensor]:
+        return self.ema.shadow if self.distributed else list(self.ema.parameters())
+
+    def _coords(self) -> tuple[int, int, int, int]:
+        """(pipeline stage, tensor rank, rank among the ZeRO partitions (dp x cp), rank within the stage)."""
+        if not self.distributed:
+            return 0, 0, 0, 0
+        from megatron.core import parallel_state as ps
+        return (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
+                ps.get_data_parallel_rank(with_context_parallel=True), dist.get_rank() % (self.dims.world_size // self.dims.pp))
+
+    def _ema_shard(self) -> str | None:
+        """This rank's EMA shard file, or None where another rank of the same shard writes it."""
+        pp, tp, dp, _ = self._coords()
+        if self.dims.zero == 3:
+            return checkpoint.ema_shard_name(pp, tp, dp)
+        return checkpoint.ema_shard_name(pp, tp, 0)
+
+    def restore(self) -> None:
+        """Continue from self.resume_from: on the same layout from the engine's shards (bit-exact), on another
+        through the layout-free full tensors; the data position carries over in samples."""
+        path, meta = self.resume_from, self.resume_meta
+        if path is None:
+            return
+        named, ema = self.named_params(), self.ema_tensors()
+        if self.full is None:  # same layout: DeepSpeed's shards, our EMA shard
+            loaded, _ = self.engine.load_checkpoint(str(path / "engine"), tag=checkpoint.ENGINE_TAG,
+                                                    load_optimizer_states=True, load_lr_scheduler_states=True)
+            if loaded is None:
+                raise checkpoint.CheckpointError(f"checkpoint {path}: DeepSpeed found no engine state in engine/")
+            shard = checkpoint.read_tensors(path / "ema" / self._ema_shard())
+            for i, e in enumerate(ema):
+                e.copy_(shard[str(i)])
+        else:
+            optimizer = self.engine.optimizer if self.engine is not None else self.optimizer
+            checkpoint.load_full_state(self.full, named, ema, optimizer, meta["optimizer_step"])
+            self.full = None
+        state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
+        self.scheduler.load_state_dict(state["scheduler"])
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr  # the scheduler's state does not carry over to the optimizer by itself
+        if meta["layout"] == self.dims.describe():  # every rank's random streams, where ranks are the same
+            checkpoint.set_rng_state(torch.load(path / "rng" / f"rank_{dist.get_rank() if self.distributed else 0:05d}.pt",
+                                                map_location="cpu", weights_only=False))
+        self.step, self.tokens_seen = meta["step"], meta["tokens_seen"]
+        self.batches.resume(self.step, meta["samples_seen"])
+        if self.is_main:
+            how = "same layout" if meta["layout"] == self.dims.describe() else f"re-laid out from {meta['layout']}"
+            print(f"resumed from {path} at step {self.step} ({how})", file=sys.stderr)
+
+    def save(self) -> Path:
+        """Checkpoint this step (collective): engine shards, EMA shard, layout-free copy, RNG, meta; see
+        parallel/checkpoint.py for the layout and the commit protocol."""
+        tmp = checkpoint.begin(self.run_dir, self.step)
+        named, ema = self.named_params(), self.ema_tensors()
+        optimizer = self.optimizer
+        if self.engine is not None:
+            optimizer = self.engine.optimizer
+            self.engine.save_checkpoint(str(tmp / "engine"), tag=checkpoint.ENGINE_TAG, save_latest=False)
+            pp, tp, dp, _ = self._coords()
+            if self.dims.zero == 3 or dp == 0:
+                checkpoint.write_tensors(tmp / "ema" / self._ema_shard(), {str(i): e for i, e in enumerate(ema)})
+        _, _, _, rank_in_stage = self._coords()
+        checkpoint.write_full(tmp, named, ema, optimizer, rank_in_stage, self.dims.world_size // self.dims.pp)
+        checkpoint.write_rank_state(tmp)
+        if self.is_main:
+            meta = {"step": self.step, "tokens_seen": self.tokens_seen,
+                    "samples_seen": self.batches.position(self.step), "layout": self.dims.describe(),
+                    "world_size": self.dims.world_size, "optimizer_step": checkpoint.optimizer_step(optimizer),
+                    "params": self.param_shapes}
+            checkpoint.write_main(tmp, meta, {"scheduler": self.scheduler.state_dict()}, self.config_yaml)
+        return checkpoint.commit(self.run_dir, tmp, self.cfg.checkpoint.keep)
 
     def train_step(self) -> dict:
         cfg, start = self.cfg, time.perf_counter()
@@ -317,9 +383,6 @@ class Trainer:
     def train(self) -> list[dict]:
         cfg = self.cfg
         self.restore()
-        if self.distributed and cfg.checkpoint.every and self.is_main:
-            print("note: periodic checkpoints of parallel runs are not written yet; full weights are exported "
-                  "to RUN_DIR/export at the end", file=sys.stderr)
         history, self.stop_signal = [], None
         previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGUSR1)}
         bar = tqdm(total=cfg.run.steps, initial=self.step, desc="train", mininterval=2.0, dynamic_ncols=True,
@@ -333,8 +396,7 @@ class Trainer:
             bar.update(1)
             if self._stop_requested():
                 break
-            if (not self.distributed and cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0
-                    and self.step < cfg.run.steps):
+            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.run.steps:
                 self.save()
         bar.close()
         for sig, handler in previous.items():
@@ -368,9 +430,9 @@ class Trainer:
         if n <= 0 or not self.is_main:
             return
         ema = self.ema
-        if self.distributed:  # a plain single-device model from the gathered weights
+        if self.distributed:  # a plain single-device model from the checkpoint's full weights
             ema = build_model(self.cfg.model, self.text_encoder.dim)
-            checkpoint.load_weights(ema, saved / "ema.safetensors")
+            checkpoint.load_weights(ema, saved, "ema")
             ema = ema.to(self.device)
         dataset = self.batches.dataset
         picks = [dataset[i] for i in range(min(n, len(dataset)))]

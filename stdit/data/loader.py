@@ -1,7 +1,9 @@
 """Which samples make up each step's global batch, independent of the parallel layout.
 
 The position in the data is one number, the count of samples consumed; epoch e visits the dataset in a
-permutation drawn from (seed, e). Step s's global batch is samples [s * B, (s + 1) * B) of that stream.
+permutation drawn from (seed, e). Step s's global batch is samples [s * B, (s + 1) * B) of that stream, or,
+after a resume at step s0 from position n0 (which a checkpoint stores in samples, so a changed batch size or
+number of ranks continues at the right sample), [n0 + (s - s0) * B, n0 + (s - s0 + 1) * B).
 """
 from __future__ import annotations
 
@@ -30,6 +32,15 @@ class GlobalBatches:
     def __init__(self, dataset, batch_size: int, seed: int):
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
         self._perm_epoch, self._perm = -1, None
+        self.origin_step, self.origin_samples = 0, 0
+
+    def resume(self, step: int, samples_seen: int) -> None:
+        """Continue so that step `step` starts at sample `samples_seen` of the stream."""
+        self.origin_step, self.origin_samples = step, samples_seen
+
+    def position(self, step: int) -> int:
+        """Samples consumed before step `step`."""
+        return self.origin_samples + (step - self.origin_step) * self.batch_size
 
     def _permutation(self, epoch: int) -> torch.Tensor:
         if epoch != self._perm_epoch:
@@ -41,7 +52,7 @@ class GlobalBatches:
         """Dataset indices of step `step`'s global batch."""
         n = len(self.dataset)
         out = []
-        for pos in range(step * self.batch_size, (step + 1) * self.batch_size):
+        for pos in range(self.position(step), self.position(step) + self.batch_size):
             out.append(int(self._permutation(pos // n)[pos % n]))
         return out
 
