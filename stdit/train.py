@@ -232,9 +232,8 @@ class Trainer:
         mode = self.cfg.checkpoint.resume
         if mode == "never":
             return None
-        if mode == "auto":
-            return checkpoint.latest(self.run_dir)
-        return checkpoint.verify(mode)
+        path = checkpoint.latest(self.run_dir) if mode == "auto" else Path(mode)
+        return None if path is None else checkpoint.verify(path)  # a missing or truncated file stops here
 
     def named_params(self) -> list:
         """(plain model name, parameter) of this rank's parameters, in the module's order."""

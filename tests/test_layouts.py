@@ -10,8 +10,8 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
+from parallel import checkpoint
 from stdit.config import load_config
 from stdit.train import Trainer
 
@@ -51,7 +51,7 @@ def reference(request, tmp_path_factory):
     cfg = load_config("recipes/tiny.yaml", FAST + [f"model.attention={request.param}", f"run.dir={run}"])
     Trainer(cfg).train()
     ckpt = run / "checkpoints" / "step_00000004"
-    return request.param, _losses(run), load_file(str(ckpt / "model.safetensors")), load_file(str(ckpt / "ema.safetensors"))
+    return request.param, _losses(run), checkpoint.read_weights(ckpt, "model"), checkpoint.read_weights(ckpt, "ema")
 
 
 @pytest.mark.parametrize("nproc,layout", LAYOUTS, ids=[" ".join(x) for _, x in LAYOUTS])
@@ -68,8 +68,9 @@ def test_layout_matches_single_process(reference, nproc, layout, tmp_path):
     for a, b in zip(losses, ref_losses):
         assert abs(a - b) <= 1e-4 * abs(b), (losses, ref_losses)
     assert "layout" in json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
-    model = load_file(str(tmp_path / "export" / "model.safetensors"))
-    ema = load_file(str(tmp_path / "export" / "ema.safetensors"))
+    final = checkpoint.latest(tmp_path)
+    assert final.name == "step_00000004"
+    model, ema = checkpoint.read_weights(final, "model"), checkpoint.read_weights(final, "ema")
     assert model.keys() == ref_model.keys()
     for name in ref_model:
         torch.testing.assert_close(model[name], ref_model[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
