@@ -93,8 +93,8 @@ def commit(run_dir, tmp: Path, keep: int) -> Path:
         os.replace(tmp, final)
         _write_atomic(root / "latest", final.name + "\n")
         older = sorted(p for p in root.glob("step_*") if p.is_dir() and p.name < final.name)
-        for old in older[:max(len(older) - (keep - 1), 0)]:
-            shutil.rmtree(old, ignore_errors=True)
+        for old in older[:max(len(older) - (keep - 1), 0)] + list(root.glob(".tmp-step_*")):
+            shutil.rmtree(old, ignore_errors=True)  # beyond `keep`, and partial ones left by killed runs
     _barrier()
     return final
 

@@ -152,11 +152,13 @@ class ParallelConfig:
 @dataclass
 class CheckpointConfig:
     every: int = 0
-    """Write a checkpoint every this many steps (0: only at the end)."""
+    """Write a checkpoint every this many steps (0: none during the run; one is always written at the end and
+    when a stop signal arrives)."""
     keep: int = 2
     """Keep this many newest checkpoints."""
     resume: str = "auto"
-    """auto (from run.dir's latest if any) | never | PATH to a checkpoint directory."""
+    """auto (from run.dir's latest complete checkpoint, if any) | never | PATH to a checkpoint directory. The layout
+    (parallel.*, number of processes) may differ from the one that wrote it."""
 
 
 @dataclass
