@@ -8,6 +8,8 @@ USAGE = """usage: stdit COMMAND ...
 commands:
   train RECIPE [key=value ...]   train (same as python -m stdit.train)
   generate --run RUN_DIR --prompt TEXT [--frames N --height H --width W] --out FILE
+  vae reconstruct --run RUN_DIR IN_VIDEO OUT_VIDEO   encode + decode a video with a trained autoencoder
+  vae stats --run RUN_DIR        measure the autoencoder's latent mean / std on its training data
   ckpt info PATH                 what a checkpoint (or a run's newest one) holds; checks it is complete
   ckpt export PATH OUT           consolidated EMA + raw weights (safetensors) and config, for `generate --run OUT`
 """
@@ -28,6 +30,9 @@ def main(argv: list[str] | None = None) -> None:
         elif command == "generate":
             from stdit import generate
             generate.main(rest)
+        elif command == "vae":
+            from stdit import autoencoder
+            autoencoder.main(rest)
         elif command == "ckpt":
             ckpt(rest)
         else:

@@ -31,6 +31,8 @@ class RunConfig:
     """auto | cpu | cuda."""
     samples_at_end: int = 2
     """Videos generated with the EMA weights at the end of training and logged to TensorBoard (0: none)."""
+    stage: str = "dit"
+    """dit (stage 2: the diffusion transformer) | vae (stage 1: the video autoencoder, `vae.*`)."""
 
 
 @dataclass
@@ -59,6 +61,9 @@ class ModelConfig:
     """Base of the 3D rotary position embedding."""
     fps_conditioning: bool = True
     """Add an fps embedding to the timestep embedding."""
+    vae: str | None = None
+    """Trained autoencoder (its run directory, a checkpoint or an export): the DiT then denoises its latents
+    (model.in_channels = its latent channels), encoding clips on the fly; `stdit generate` decodes to pixels."""
 
 
 @dataclass
@@ -138,6 +143,42 @@ class OptimConfig:
 
 
 @dataclass
+class VAEConfig:
+    """Stage 1: the spacetime autoencoder (stdit/models/vae.py)."""
+
+    in_channels: int = 3
+    """Channels of the pixel video."""
+    latent_channels: int = 4
+    """Channels of the latent (4 or 16); the DiT's model.in_channels when it trains in this latent space."""
+    base_channels: int = 32
+    """Width of the first level; level i has base_channels * channel_mult[i]."""
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 4, 4])
+    """Width multipliers per level; each level but the last halves height and width (3 halvings: 8x8)."""
+    temporal_down: list[bool] = field(default_factory=lambda: [False, True, True])
+    """Which of the downsamplings also halve time (two: 4x; T = 1 + 4k frames -> 1 + k latent frames)."""
+    num_res_blocks: int = 1
+    """Residual blocks per level (the decoder has one more)."""
+    mid_attention: bool = True
+    """Self-attention within each frame in the middle block (lowest resolution, where it is cheap)."""
+    norm_groups: int = 8
+    """GroupNorm groups (must divide every level's width)."""
+    kl_weight: float = 1.0e-4
+    """Weight of the KL term (per latent element) against the L1 reconstruction (per pixel)."""
+    perceptual_weight: float = 0.0
+    """Weight of a perceptual term: squared distance of features from vae.perceptual_net (0: off)."""
+    perceptual_net: str | None = None
+    """Local TorchScript file of a frozen feature network [N, 3, H, W] -> features (e.g. an exported LPIPS trunk)."""
+    tile_frames: int = 8
+    """Tiled encode/decode: latent frames per temporal chunk, streamed through causal caches (exact; 0: whole)."""
+    tile_size: int = 256
+    """Tiled encode/decode: pixel tile height and width (0: no spatial tiling); a multiple of the 8x compression."""
+    tile_overlap: int = 64
+    """Pixels two neighbouring tiles share, blended linearly."""
+    stats_samples: int = 64
+    """Training samples encoded at the end of training to measure the latents' per-channel mean and std."""
+
+
+@dataclass
 class ParallelConfig:
     tp: int = 1
     """Tensor-parallel size."""
@@ -170,6 +211,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
@@ -215,8 +257,24 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | None = 
             raise
         raise ConfigError(f"bad config value: {str(e).splitlines()[0]} (key `{getattr(e, 'full_key', '?')}`)") from None
     conf: Config = OmegaConf.to_object(cfg)
+    if conf.model.vae is not None and conf.run.stage == "dit":  # the DiT denoises that autoencoder's latents
+        conf.model.vae = str(Path(conf.model.vae).resolve())  # the resolved config works from any directory
+        conf.model.in_channels = vae_config_of(conf.model.vae).latent_channels
     validate(conf)
     return conf
+
+
+def vae_config_of(path: str | Path) -> VAEConfig:
+    """The autoencoder config stored with a trained VAE (run directory, checkpoint or export: its config.yaml)."""
+    path = Path(path)
+    found = path / "config.yaml"
+    if not found.is_file():
+        raise ConfigError(f"model.vae={path}: no config.yaml there; give the VAE's run directory, one of its "
+                          "checkpoints or an export (`stdit ckpt export`)")
+    raw = OmegaConf.load(found)
+    if raw.get("run", {}).get("stage") != "vae":
+        raise ConfigError(f"model.vae={path} is not an autoencoder run (its run.stage is not vae)")
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(VAEConfig), raw.vae))
 
 
 def to_yaml(cfg: Config) -> str:
@@ -268,16 +326,11 @@ def validate(cfg: Config) -> None:
     _check(d.source == "synthetic", "data.source", f"only `synthetic` is available, got {d.source!r}")
     _check(d.batch_size >= 1, "data.batch_size", f"must be >= 1, got {d.batch_size}")
     _check(d.num_samples >= d.batch_size, "data.num_samples", f"must be >= data.batch_size={d.batch_size}")
-    for hw in d.resolutions:
-        _check(len(hw) == 2 and hw[0] % m.patch_size[1] == 0 and hw[1] % m.patch_size[2] == 0, "data.resolutions",
-               f"{hw} is not (H, W) divisible by the patch (ph, pw)={m.patch_size[1:]}")
-    for t in d.frame_counts:
-        _check(t >= 1 and t % m.patch_size[0] == 0, "data.frame_counts",
-               f"frame count {t} must be >= 1 and divisible by the temporal patch model.patch_size[0]={m.patch_size[0]}")
-    largest = max(math.prod(patched_shape(m, t, h, w)) for t in d.frame_counts for h, w in d.resolutions)
-    _check(d.token_budget >= largest, "data.token_budget",
-           f"{d.token_budget} tokens cannot hold the largest sample ({largest} tokens); raise it to >= {largest} "
-           "or drop the largest entries of data.resolutions / data.frame_counts")
+    _check(cfg.run.stage in ("dit", "vae"), "run.stage", f"must be dit or vae, got {cfg.run.stage!r}")
+    if cfg.run.stage == "vae":
+        validate_vae(cfg)
+    else:
+        validate_dit_data(cfg)
     _check(o.lr > 0, "optim.lr", "must be > 0")
     _check(0.0 <= o.ema_decay < 1.0, "optim.ema_decay", "must be in [0, 1)")
     _check(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
@@ -286,3 +339,50 @@ def validate(cfg: Config) -> None:
     _check(p.zero in (0, 1, 2, 3), "parallel.zero", f"must be 0, 1, 2 or 3, got {p.zero}")
     _check(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0")
     _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+
+
+def sample_grid_factors(cfg: Config) -> tuple[int, int]:
+    """(time, space) factor from a data clip to what the DiT sees: (1, 1) in pixels, the VAE's with model.vae."""
+    if cfg.model.vae is None:
+        return 1, 1
+    v = vae_config_of(cfg.model.vae)
+    return 2 ** sum(bool(t) for t in v.temporal_down), 2 ** (len(v.channel_mult) - 1)
+
+
+def validate_dit_data(cfg: Config) -> None:
+    m, d = cfg.model, cfg.data
+    ft, fs = sample_grid_factors(cfg)
+    for hw in d.resolutions:
+        _check(len(hw) == 2 and hw[0] % (fs * m.patch_size[1]) == 0 and hw[1] % (fs * m.patch_size[2]) == 0,
+               "data.resolutions", f"{hw} is not (H, W) divisible by the patch (ph, pw)={m.patch_size[1:]}"
+               + (f" times the autoencoder's {fs}x compression" if fs > 1 else ""))
+    for t in d.frame_counts:
+        _check(t >= 1 and (t - 1) % ft == 0 and (1 + (t - 1) // ft) % m.patch_size[0] == 0, "data.frame_counts",
+               f"frame count {t} must be >= 1" + (f", 1 + {ft}k for the autoencoder" if ft > 1 else "")
+               + f" and give a (latent) frame count divisible by the temporal patch model.patch_size[0]={m.patch_size[0]}")
+    largest = max(math.prod(patched_shape(m, 1 + (t - 1) // ft, h // fs, w // fs))
+                  for t in d.frame_counts for h, w in d.resolutions)
+    _check(d.token_budget >= largest, "data.token_budget",
+           f"{d.token_budget} tokens cannot hold the largest sample ({largest} tokens); raise it to >= {largest} "
+           "or drop the largest entries of data.resolutions / data.frame_counts")
+
+
+def validate_vae(cfg: Config) -> None:
+    v, d, p = cfg.vae, cfg.data, cfg.parallel
+    _check(len(v.channel_mult) >= 1 and min(v.channel_mult) >= 1, "vae.channel_mult", "must be positive ints")
+    _check(len(v.temporal_down) == len(v.channel_mult) - 1, "vae.temporal_down",
+           f"needs one entry per downsampling: len(vae.channel_mult) - 1 = {len(v.channel_mult) - 1}")
+    _check(all((v.base_channels * k) % v.norm_groups == 0 for k in v.channel_mult), "vae.norm_groups",
+           f"{v.norm_groups} must divide every level's width vae.base_channels * vae.channel_mult")
+    ft, fs = 2 ** sum(bool(t) for t in v.temporal_down), 2 ** (len(v.channel_mult) - 1)
+    for t in d.frame_counts:
+        _check((t - 1) % ft == 0, "data.frame_counts", f"frame count {t} must be 1 + {ft}k for the autoencoder")
+    for hw in d.resolutions:
+        _check(len(hw) == 2 and hw[0] % fs == 0 and hw[1] % fs == 0, "data.resolutions",
+               f"{hw} must be (H, W) multiples of the autoencoder's {fs}x spatial compression")
+    _check(v.tile_size % fs == 0 and v.tile_overlap % fs == 0 and v.tile_overlap < max(v.tile_size, 1),
+           "vae.tile_size", f"vae.tile_size and vae.tile_overlap must be multiples of {fs}, overlap < size")
+    _check(p.tp == 1 and p.pp == 1 and p.cp == 1, "parallel", "the autoencoder trains data parallel (+ ZeRO): "
+           "set parallel.tp, parallel.pp and parallel.cp to 1")
+    _check(v.perceptual_weight == 0 or v.perceptual_net is not None, "vae.perceptual_net",
+           "vae.perceptual_weight > 0 needs a local TorchScript feature network in vae.perceptual_net")

@@ -56,14 +56,25 @@ def main(argv: list[str] | None = None) -> Path:
     args = ap.parse_args(argv)
 
     model, text_encoder, cfg = load_for_generation(args.run, args.device, args.weights)
+    shape = (args.frames, args.height, args.width)
+    vae = None
+    if cfg.model.vae is not None:  # the DiT denoises latents: sample the latent shape, then decode
+        from stdit.autoencoder import load_vae
+        vae = load_vae(cfg.model.vae, next(model.parameters()).device)
+        try:
+            shape = vae.latent_shape(*shape)
+        except ValueError as e:
+            ap.error(f"--frames/--height/--width: {e}")
     pt, ph, pw = cfg.model.patch_size
-    if args.frames % pt or args.height % ph or args.width % pw:
-        ap.error(f"--frames/--height/--width must be divisible by the patch size {cfg.model.patch_size}")
+    if shape[0] % pt or shape[1] % ph or shape[2] % pw:
+        ap.error(f"--frames/--height/--width must be divisible by the patch size {cfg.model.patch_size}"
+                 + (" after the autoencoder's compression" if vae is not None else ""))
     steps = args.steps or cfg.diffusion.sample_steps
     with tqdm(total=steps, desc="sample", mininterval=1.0) as bar:
-        (video,) = sample_videos(model, text_encoder, [args.prompt], [(args.frames, args.height, args.width)],
-                                 cfg.model, cfg.diffusion, seed=args.seed, fps=args.fps, steps=steps,
-                                 cfg_scale=args.cfg_scale, progress=bar)
+        (video,) = sample_videos(model, text_encoder, [args.prompt], [shape], cfg.model, cfg.diffusion,
+                                 seed=args.seed, fps=args.fps, steps=steps, cfg_scale=args.cfg_scale, progress=bar)
+    if vae is not None:
+        video = vae.decode(video[None].to(next(vae.parameters()).device), tiled=True)[0].cpu()
     out = write_video(args.out, to_uint8(video), fps=args.fps, upscale=args.upscale)
     print(f"wrote {out} ({args.frames} frames, {args.height}x{args.width}, x{args.upscale} upscaled)")
     return out

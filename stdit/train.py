@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import signal
 import sys
@@ -188,8 +189,7 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(self.config_yaml)
 
         torch.manual_seed(cfg.run.seed)  # every rank builds the same full model, then keeps its shard
-        self.text_encoder = TextEncoder.from_config(cfg.text).to(self.device)
-        model = build_model(cfg.model, self.text_encoder.dim).to(self.device)
+        model = self.build_model().to(self.device)
         self.param_shapes = {k: list(v.shape) for k, v in model.named_parameters()}
         self.resume_meta, self.full = None, None
         if self.resume_from is not None:
@@ -202,11 +202,7 @@ class Trainer:
                 model.load_state_dict(self.full.state_dict("model"))
         if self.distributed:
             from megatron.core import parallel_state as ps
-            apply_tp(model, TP_PLAN, TP_HEAD_SHARED)
-            apply_cp(model, ATTENTION_KERNELS, ps.get_context_parallel_group())
-            if self.dims.pp > 1:
-                self.pipe_loss = PipeLoss()
-                model = build_pipeline(model, self.dims, self.pipe_loss)  # keeps this stage's layers
+            model = self.parallelize(model)
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                            eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
@@ -223,6 +219,52 @@ class Trainer:
         self.batches = GlobalBatches(build_dataset(cfg.data, cfg.run.seed), cfg.data.batch_size, cfg.run.seed)
         self.logger = MetricsLogger(self.run_dir, enabled=self.is_main)
         self.step, self.tokens_seen = 0, 0
+
+    def build_model(self) -> torch.nn.Module:
+        """The plain, full model (and what it needs: the text encoder, a frozen autoencoder with model.vae)."""
+        self.text_encoder = TextEncoder.from_config(self.cfg.text).to(self.device)
+        self.vae = None
+        if self.cfg.model.vae is not None:
+            from stdit.autoencoder import load_vae
+            self.vae = load_vae(self.cfg.model.vae, self.device)
+        return build_model(self.cfg.model, self.text_encoder.dim)
+
+    def parallelize(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Tensor, context and pipeline parallelism applied from outside, in that order."""
+        from megatron.core import parallel_state as ps
+        apply_tp(model, TP_PLAN, TP_HEAD_SHARED)
+        apply_cp(model, ATTENTION_KERNELS, ps.get_context_parallel_group())
+        if self.dims.pp > 1:
+            self.pipe_loss = PipeLoss()
+            model = build_pipeline(model, self.dims, self.pipe_loss)  # keeps this stage's layers
+        return model
+
+    def global_batch(self, step: int) -> list:
+        """Step `step`'s samples; with model.vae their videos become (scaled) latents, encoded on the fly."""
+        samples = self.batches.samples(step)
+        if self.vae is None:
+            return samples
+        return [dataclasses.replace(s, video=self.vae.encode(s.video[None].to(self.device), tiled=True)[0].cpu())
+                for s in samples]
+
+    def optimizer_step(self) -> tuple[float, float]:
+        """Clip, step the optimizer and the LR schedule; (gradient norm, lr used)."""
+        if self.engine is None:
+            clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip).item()
+            lr = self.scheduler.get_last_lr()[0]
+            self.optimizer.step()
+            self.scheduler.step()
+            return grad_norm, lr
+        lr = self.engine.get_lr()[0]
+        self.engine.step()
+        return float(self.engine.get_global_grad_norm() or float("nan")), lr
+
+    def finish_step(self) -> None:
+        """EMA update and the step counter, after the optimizer step."""
+        decay = min(self.cfg.optim.ema_decay, (1 + self.step) / (10 + self.step))
+        self.ema.update(decay) if self.distributed else update_ema(self.ema, self.model, decay)
+        self.step += 1
 
     # ------------------------------------------------------------------------------------------------------
     # Checkpoints (parallel/checkpoint.py holds the format)
@@ -320,15 +362,11 @@ class Trainer:
     def train_step(self) -> dict:
         cfg, start = self.cfg, time.perf_counter()
         self.model.train()
-        samples = self.batches.samples(self.step)
+        samples = self.global_batch(self.step)
         if self.engine is None:
             self.optimizer.zero_grad(set_to_none=True)
             stats = forward_backward(self.model, self.text_encoder, samples, self.step, cfg, self.device)
-            clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip).item()
-            lr = self.scheduler.get_last_lr()[0]
-            self.optimizer.step()
-            self.scheduler.step()
+            grad_norm, lr = self.optimizer_step()
         elif self.dims.pp > 1:
             lr = self.engine.get_lr()[0]
             stats = self.pipeline_step(samples)  # forward, backward and optimizer step
@@ -338,15 +376,11 @@ class Trainer:
             stats = forward_backward(self.engine, self.text_encoder, samples, self.step, cfg, self.device,
                                      backward=lambda loss: self.engine.backward(loss, scale_wrt_gas=False),
                                      shard=self.shard)
-            lr = self.engine.get_lr()[0]
-            self.engine.step()
-            grad_norm = float(self.engine.get_global_grad_norm() or float("nan"))
+            grad_norm, lr = self.optimizer_step()
             loss = torch.tensor([stats["loss"]], dtype=torch.float64)
             dist.all_reduce(loss, group=self.loss_group)  # each dp x cp rank held part of the global mean
             stats["loss"] = loss.item()
-        decay = min(cfg.optim.ema_decay, (1 + self.step) / (10 + self.step))
-        self.ema.update(decay) if self.distributed else update_ema(self.ema, self.model, decay)
-        self.step += 1
+        self.finish_step()
         self.tokens_seen += stats["tokens"]
         dt = time.perf_counter() - start
         metrics = {"step": self.step, "loss": stats["loss"], "grad_norm": grad_norm, "lr": lr,
@@ -435,9 +469,13 @@ class Trainer:
             ema = ema.to(self.device)
         dataset = self.batches.dataset
         picks = [dataset[i] for i in range(min(n, len(dataset)))]
-        videos = sample_videos(ema, self.text_encoder, [s.caption for s in picks],
-                               [tuple(s.video.shape[1:]) for s in picks], self.cfg.model, self.cfg.diffusion,
-                               seed=self.cfg.run.seed, fps=picks[0].fps)
+        shapes = [tuple(s.video.shape[1:]) for s in picks]
+        if self.vae is not None:
+            shapes = [self.vae.latent_shape(*shape) for shape in shapes]
+        videos = sample_videos(ema, self.text_encoder, [s.caption for s in picks], shapes, self.cfg.model,
+                               self.cfg.diffusion, seed=self.cfg.run.seed, fps=picks[0].fps)
+        if self.vae is not None:
+            videos = [self.vae.decode(v[None].to(self.device), tiled=True)[0].cpu() for v in videos]
         for i, (s, v) in enumerate(zip(picks, videos)):
             frames = to_uint8(v)
             self.logger.video(f"samples/{i}: {s.caption}", frames, self.step)
@@ -452,7 +490,11 @@ def main(argv: list[str] | None = None) -> None:
         print("usage: stdit train RECIPE [key=value ...]   (or python -m stdit.train RECIPE [key=value ...])")
         raise SystemExit(0 if argv else 2)
     cfg = load_config(argv[0], argv[1:])
-    history = Trainer(cfg).train()
+    if cfg.run.stage == "vae":
+        from stdit.train_vae import VAETrainer
+        history = VAETrainer(cfg).train()
+    else:
+        history = Trainer(cfg).train()
     if history and launch_env()[0] == 0:
         first, last = history[0], history[-1]
         print(f"done: step {last['step']}, loss {first['loss']:.4f} -> {last['loss']:.4f}; run dir {cfg.run.dir}")
