@@ -373,4 +373,7 @@ def export(path: str | Path, out: str | Path) -> Path:
         save_file(full.state_dict(kind), str(out / f"{kind}.safetensors"),
                   metadata={"step": str(read_meta(path)["step"]), "source": str(path)})
     shutil.copyfile(path / "config.yaml", out / "config.yaml")
+    stats = path.parent.parent / "latent_stats.json"  # an autoencoder's latent scaling, kept in its run dir
+    if stats.is_file():
+        shutil.copyfile(stats, out / stats.name)
     return out

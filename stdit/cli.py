@@ -10,6 +10,7 @@ commands:
   generate --run RUN_DIR --prompt TEXT [--frames N --height H --width W] --out FILE
   vae reconstruct --run RUN_DIR IN_VIDEO OUT_VIDEO   encode + decode a video with a trained autoencoder
   vae stats --run RUN_DIR        measure the autoencoder's latent mean / std on its training data
+  data shard SRC OUT [--manifest F] probe video/image files with captions, write webdataset tar shards
   ckpt info PATH                 what a checkpoint (or a run's newest one) holds; checks it is complete
   ckpt export PATH OUT           consolidated EMA + raw weights (safetensors) and config, for `generate --run OUT`
 """
@@ -33,12 +34,15 @@ def main(argv: list[str] | None = None) -> None:
         elif command == "vae":
             from stdit import autoencoder
             autoencoder.main(rest)
+        elif command == "data" and rest[:1] == ["shard"]:
+            from stdit.data import shard
+            shard.main(rest[1:])
         elif command == "ckpt":
             ckpt(rest)
         else:
             print(f"stdit: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
             raise SystemExit(2)
-    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, FileNotFoundError, FileExistsError) as e:
         print(f"stdit {command}: error: {e}", file=sys.stderr)
         raise SystemExit(2)
 

@@ -183,11 +183,6 @@ class Trainer:
         self.resume_from = self._resume_path()  # checked before any process-group work
         if self.distributed:
             init_distributed(self.dims)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.config_yaml = to_yaml(cfg)
-        if self.is_main:
-            (self.run_dir / "config.yaml").write_text(self.config_yaml)
-
         torch.manual_seed(cfg.run.seed)  # every rank builds the same full model, then keeps its shard
         model = self.build_model().to(self.device)
         self.param_shapes = {k: list(v.shape) for k, v in model.named_parameters()}
@@ -200,6 +195,10 @@ class Trainer:
             if not (self.distributed and self.same_layout):  # the layout-free route: full weights before sharding
                 self.full = checkpoint.FullTensors(self.resume_from)
                 model.load_state_dict(self.full.state_dict("model"))
+        self.run_dir.mkdir(parents=True, exist_ok=True)  # only once the config and any checkpoint fit
+        self.config_yaml = to_yaml(cfg)
+        if self.is_main:
+            (self.run_dir / "config.yaml").write_text(self.config_yaml)
         if self.distributed:
             from megatron.core import parallel_state as ps
             model = self.parallelize(model)

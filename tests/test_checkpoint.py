@@ -153,6 +153,7 @@ def test_mismatched_model_and_damaged_checkpoints_fail_naming_the_problem(tmp_pa
     ckpt = tmp_path / "checkpoints/step_00000001"
     train = [sys.executable, "-m", "stdit.train", "recipes/tiny.yaml", *FAST, "model.depth=1", f"run.dir={tmp_path}",
              "run.steps=2"]
+    config = (tmp_path / "config.yaml").read_text()
     out = subprocess.run(train + ["model.hidden_size=48", "model.depth=2"], capture_output=True, text=True)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "does not match the configured model" in out.stderr
@@ -168,6 +169,7 @@ def test_mismatched_model_and_damaged_checkpoints_fail_naming_the_problem(tmp_pa
     out = subprocess.run(train, capture_output=True, text=True)
     assert out.returncode == 2 and "is missing full/rank_00000.safetensors" in out.stderr
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before  # nothing written was lost
+    assert (tmp_path / "config.yaml").read_text() == config
 
 
 def test_ckpt_info_and_export_load_on_one_device(tmp_path):

@@ -150,3 +150,18 @@ def test_dit_trains_in_the_latent_space_and_generates_pixels(vae_run, tmp_path):
     assert gen.returncode == 0, gen.stderr[-2000:]
     frames, _ = read_video(tmp_path / "gen.mp4")
     assert frames.shape == (5, 16, 32, 3)
+
+
+@torch.no_grad()
+def test_spatial_tiles_are_placed_and_blended_exactly_for_a_local_map():
+    """The tile grid and blending weights: with a position-wise map (pooling by 8 down, nearest x8 up) the tiled
+    result is the untiled one to round-off. (With the real network spatial tiles are an approximation: GroupNorm
+    statistics and the middle attention see a tile, not the frame.)"""
+    vae = _vae(tile_size=32, tile_overlap=16, tile_frames=0)
+    x = torch.randn(1, 3, 5, 56, 72)
+    pool = lambda v: torch.nn.functional.avg_pool3d(v, (1, 8, 8))  # noqa: E731
+    up = lambda v: v.repeat_interleave(8, dim=3).repeat_interleave(8, dim=4)  # noqa: E731
+    torch.testing.assert_close(vae._tiled(x, pool, 8, down=True), pool(x), rtol=1e-5, atol=1e-6)
+    z = torch.randn(1, 4, 2, 7, 9)
+    torch.testing.assert_close(vae._tiled(z, up, 8, down=False), up(z), rtol=1e-5, atol=1e-6)
+    assert len(vae._spatial_tiles(56, 32, 16, 8)) == 3  # the frame really was tiled

@@ -138,6 +138,9 @@ class Encoder(nn.Module):
                                  ResBlock(prev, prev, g))
         self.norm_out = FrameGroupNorm(g, prev)
         self.conv_out = CausalConv3d(prev, 2 * cfg.latent_channels)
+        # the posterior starts narrow (std ~0.05): the decoder learns from the latents from the first step
+        # instead of from noise; the KL term widens it where the reconstruction allows
+        nn.init.constant_(self.conv_out.conv.bias[cfg.latent_channels:], -6.0)
 
     def forward(self, x):
         h = self.conv_in(x)

@@ -1,0 +1,99 @@
+"""`stdit data shard`: real files in several containers and codecs, plus bad ones that are skipped and reported."""
+import io
+import json
+import subprocess
+import sys
+import tarfile
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+
+def _write(path, codec, frames, size, fps, pix_fmt="yuv420p"):
+    import av
+    h, w = size
+    rng = np.random.default_rng(len(str(path)))
+    with av.open(str(path), mode="w") as c:
+        s = c.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
+        s.width, s.height, s.pix_fmt = w, h, pix_fmt
+        for _ in range(frames):
+            img = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+            c.mux(s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+        c.mux(s.encode())
+
+
+def _audio_only(path):
+    import av
+    with av.open(str(path), mode="w") as c:
+        s = c.add_stream("aac", rate=16000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), dtype=np.float32), format="fltp", layout="mono")
+        frame.sample_rate = 16000
+        for _ in range(4):
+            c.mux(s.encode(frame))
+        c.mux(s.encode())
+
+
+@pytest.fixture
+def media(tmp_path):
+    from PIL import Image
+    src = tmp_path / "src"
+    src.mkdir()
+    good = {  # name: (codec, frames, (h, w), fps)
+        "landscape.mp4": ("libx264", 9, (48, 64), 24), "portrait.webm": ("libvpx-vp9", 5, (64, 32), 30),
+        "square.mkv": ("mpeg4", 6, (32, 32), 12.5), "single.mov": ("mjpeg", 1, (40, 56), 8),
+        "short.avi": ("mpeg4", 2, (24, 40), 10),
+    }
+    for name, (codec, n, size, fps) in good.items():
+        _write(src / name, codec, n, size, fps, "yuvj420p" if codec == "mjpeg" else "yuv420p")
+    Image.fromarray(np.full((20, 30, 3), 200, np.uint8)).save(src / "still.png")
+    (src / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 8)
+    (src / "empty.mp4").write_bytes(b"")
+    _audio_only(src / "sound.mkv")
+    _write(src / "uncaptioned.mp4", "libx264", 3, (16, 16), 8)
+    for p in src.iterdir():
+        if p.stem != "uncaptioned":
+            p.with_suffix(".txt").write_text(f"a clip called {p.stem}\n")
+    return src, good
+
+
+def test_shard_writes_good_files_and_reports_bad_ones(media, tmp_path):
+    src, good = media
+    out = tmp_path / "shards"
+    run = subprocess.run([sys.executable, "-m", "stdit.cli", "data", "shard", str(src), str(out), "--shard-size", "20000"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["written"] == len(good) + 1  # + the png
+    why = {s["file"].rsplit("/", 1)[-1]: s["why"] for s in summary["skipped"]}
+    assert set(why) == {"corrupt.mp4", "empty.mp4", "sound.mkv", "uncaptioned.mp4"}
+    assert why["sound.mkv"] == "no video stream" and why["empty.mp4"] == "empty file"
+    assert "no caption" in why["uncaptioned.mp4"] and "cannot be decoded" in why["corrupt.mp4"]
+    assert len(summary["shards"]) > 1  # the size limit started new shards
+    seen = {}
+    for name in summary["shards"]:
+        with tarfile.open(out / name) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+        for member, data in members.items():
+            if member.endswith(".json"):
+                meta = json.loads(data)
+                caption = members[member[:-5] + ".txt"].decode()
+                seen[meta["source"]] = (meta, caption)
+    for name, (codec, n, (h, w), fps) in good.items():
+        meta, caption = seen[name]
+        assert (meta["frames"], meta["height"], meta["width"]) == (n, h, w), name
+        assert abs(meta["fps"] - fps) < 0.01 and caption == f"a clip called {name.split('.')[0]}"
+    assert seen["still.png"][0]["frames"] == 1
+    assert "skipped 4" in run.stdout and "sound.mkv: no video stream" in run.stdout
+    again = subprocess.run([sys.executable, "-m", "stdit.cli", "data", "shard", str(src), str(out)],
+                           capture_output=True, text=True)
+    assert again.returncode == 2 and "already holds shards" in again.stderr
+
+
+def test_shard_reads_a_manifest(media, tmp_path):
+    from stdit.data.shard import shard
+    src, _ = media
+    (tmp_path / "m.jsonl").write_text('{"path": "landscape.mp4", "caption": "from the manifest"}\n'
+                                      '{"path": "missing.mp4", "caption": "x"}\n')
+    summary = shard(src, tmp_path / "out", manifest=tmp_path / "m.jsonl", progress=False)
+    assert summary["written"] == 1 and summary["skipped"][0]["why"] == "file not found"
