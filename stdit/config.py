@@ -107,7 +107,9 @@ class DiffusionConfig:
 @dataclass
 class DataConfig:
     source: str = "synthetic"
-    """synthetic: procedurally generated moving shapes."""
+    """synthetic: procedurally generated moving shapes | shards: tar shards written by `stdit data shard`."""
+    shards: list[str] = field(default_factory=list)
+    """With data.source=shards: shard paths or patterns (brace ranges, globs)."""
     num_samples: int = 1024
     """Size of the synthetic dataset (samples per epoch)."""
     resolutions: list[list[int]] = field(default_factory=lambda: [[16, 16], [16, 24], [24, 16], [24, 24]])
@@ -323,9 +325,11 @@ def validate(cfg: Config) -> None:
     _check(cfg.text.kind in ("t5", "clip"), "text.kind", f"must be t5 or clip, got {cfg.text.kind!r}")
     _check(0.0 <= cfg.diffusion.caption_dropout <= 1.0, "diffusion.caption_dropout", "must be in [0, 1]")
     _check(cfg.diffusion.sample_steps >= 1, "diffusion.sample_steps", "must be >= 1")
-    _check(d.source == "synthetic", "data.source", f"only `synthetic` is available, got {d.source!r}")
+    _check(d.source in ("synthetic", "shards"), "data.source", f"must be synthetic or shards, got {d.source!r}")
+    _check(d.source != "shards" or len(d.shards) > 0, "data.shards", "data.source=shards needs shard paths")
     _check(d.batch_size >= 1, "data.batch_size", f"must be >= 1, got {d.batch_size}")
-    _check(d.num_samples >= d.batch_size, "data.num_samples", f"must be >= data.batch_size={d.batch_size}")
+    _check(d.source != "synthetic" or d.num_samples >= d.batch_size, "data.num_samples",
+           f"must be >= data.batch_size={d.batch_size}")
     _check(cfg.run.stage in ("dit", "vae"), "run.stage", f"must be dit or vae, got {cfg.run.stage!r}")
     if cfg.run.stage == "vae":
         validate_vae(cfg)

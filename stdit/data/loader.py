@@ -13,10 +13,17 @@ from stdit.data.sample import Sample
 from stdit.data.synthetic import SyntheticClips
 
 
-def build_dataset(data_cfg, seed: int) -> SyntheticClips:
-    """The dataset named by `data.source`."""
+def build_dataset(data_cfg, seed: int):
+    """The dataset named by `data.source`: synthetic clips or tar shards (random access either way)."""
+    if data_cfg.source == "shards":
+        from stdit.data.shards import ShardDataset
+        dataset = ShardDataset(data_cfg.shards, data_cfg.resolutions, data_cfg.frame_counts)
+        if len(dataset) < data_cfg.batch_size:
+            raise ValueError(f"data.shards hold {len(dataset)} samples, fewer than data.batch_size="
+                             f"{data_cfg.batch_size}")
+        return dataset
     if data_cfg.source != "synthetic":
-        raise ValueError(f"data.source={data_cfg.source!r} is not available; use synthetic")
+        raise ValueError(f"data.source={data_cfg.source!r} is not available; use synthetic or shards")
     return SyntheticClips(
         num_samples=data_cfg.num_samples,
         resolutions=[tuple(r) for r in data_cfg.resolutions],
