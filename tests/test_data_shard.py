@@ -1,5 +1,4 @@
 """`stdit data shard`: real files in several containers and codecs, plus bad ones that are skipped and reported."""
-import io
 import json
 import subprocess
 import sys

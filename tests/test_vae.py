@@ -164,4 +164,4 @@ def test_spatial_tiles_are_placed_and_blended_exactly_for_a_local_map():
     torch.testing.assert_close(vae._tiled(x, pool, 8, down=True), pool(x), rtol=1e-5, atol=1e-6)
     z = torch.randn(1, 4, 2, 7, 9)
     torch.testing.assert_close(vae._tiled(z, up, 8, down=False), up(z), rtol=1e-5, atol=1e-6)
-    assert len(vae._spatial_tiles(56, 32, 16, 8)) == 3  # the frame really was tiled
+    assert len(vae._spatial_tiles(56, 32, 16)) == 3  # the frame really was tiled

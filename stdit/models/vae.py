@@ -10,7 +10,6 @@ input frames <= 4j. Long or large videos are encoded and decoded in overlapping 
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 import torch.nn as nn
@@ -265,8 +264,9 @@ class VideoVAE(nn.Module):
 
     # tiling --------------------------------------------------------------------------------------------------
 
-    def _spatial_tiles(self, size: int, tile: int, overlap: int, factor: int) -> list[tuple[int, int]]:
-        """(start, stop) windows in pixels covering `size`, each `tile` long (multiples of factor), overlapping."""
+    @staticmethod
+    def _spatial_tiles(size: int, tile: int, overlap: int) -> list[tuple[int, int]]:
+        """(start, stop) windows covering `size`, each `tile` long, neighbours sharing `overlap`."""
         if tile <= 0 or size <= tile:
             return [(0, size)]
         step = tile - overlap
@@ -320,7 +320,7 @@ class VideoVAE(nn.Module):
         tile_in = cfg.tile_size if down else cfg.tile_size // factor
         over_in = cfg.tile_overlap if down else cfg.tile_overlap // factor
         h, w = x.shape[3], x.shape[4]
-        rows, cols = self._spatial_tiles(h, tile_in, over_in, factor), self._spatial_tiles(w, tile_in, over_in, factor)
+        rows, cols = self._spatial_tiles(h, tile_in, over_in), self._spatial_tiles(w, tile_in, over_in)
         if len(rows) == 1 and len(cols) == 1:
             return time_fn(x)
         scale = (1 / factor) if down else factor
@@ -351,17 +351,3 @@ def _ramp(n: int, blend: int, rise: bool, fall: bool, like: torch.Tensor) -> tor
         if fall:
             w[n - blend:] = ramp.flip(0)
     return w
-
-
-def build_vae(cfg) -> VideoVAE:
-    return VideoVAE(cfg)
-
-
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def psnr(recon: torch.Tensor, target: torch.Tensor) -> float:
-    """PSNR in dB of videos in [-1, 1] (peak-to-peak 2)."""
-    mse = F.mse_loss(recon.clamp(-1, 1), target).item()
-    return 10 * math.log10(4.0 / max(mse, 1e-12))
