@@ -294,7 +294,8 @@ class Trainer:
             return 0, 0, 0, 0
         from megatron.core import parallel_state as ps
         return (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
-                ps.get_data_parallel_rank(with_context_parallel=True), dist.get_rank() % (self.dims.world_size // self.dims.pp))
+                ps.get_data_parallel_rank(with_context_parallel=True),
+                dist.get_rank() % (self.dims.world_size // self.dims.pp))  # pp is the outermost axis
 
     def _ema_shard(self) -> str | None:
         """This rank's EMA shard file, or None where another rank of the same shard writes it."""
@@ -327,8 +328,9 @@ class Trainer:
         for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
             group["lr"] = lr  # the scheduler's state does not carry over to the optimizer by itself
         if meta["layout"] == self.dims.describe():  # every rank's random streams, where ranks are the same
-            checkpoint.set_rng_state(torch.load(path / "rng" / f"rank_{dist.get_rank() if self.distributed else 0:05d}.pt",
-                                                map_location="cpu", weights_only=False))
+            rank = dist.get_rank() if self.distributed else 0
+            checkpoint.set_rng_state(torch.load(path / "rng" / f"rank_{rank:05d}.pt", map_location="cpu",
+                                                weights_only=False))
         self.step, self.tokens_seen = meta["step"], meta["tokens_seen"]
         self.batches.resume(self.step, meta["samples_seen"])
         if self.is_main:

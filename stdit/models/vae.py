@@ -166,7 +166,8 @@ class Decoder(nn.Module):
         for i in reversed(range(len(chans))):
             stage = nn.Module()
             ch = chans[i]
-            stage.blocks = nn.ModuleList([ResBlock(prev if j == 0 else ch, ch, g) for j in range(cfg.num_res_blocks + 1)])
+            stage.blocks = nn.ModuleList([ResBlock(prev if j == 0 else ch, ch, g)
+                                          for j in range(cfg.num_res_blocks + 1)])
             prev = ch
             if i > 0:
                 stage.upsample = Upsample(ch, temporal=cfg.temporal_down[i - 1])
