@@ -138,10 +138,10 @@ def optimizer_step(optimizer) -> float:
     return float(states[0]["step"]) if states else 0.0
 
 
-def _optimizer_state_full(p, key: str, optimizer) -> torch.Tensor:
-    """Full (TP-gathered) Adam state `key` of parameter p, whatever owns it (collective)."""
+def _optimizer_state_full(p, key: str, optimizer, stepped: bool) -> torch.Tensor:
+    """Full (TP-gathered) Adam state `key` of parameter p, whatever owns it (collective); zeros before any step."""
     from deepspeed.utils import safe_get_full_optimizer_state
-    if optimizer_step(optimizer) == 0:
+    if not stepped:
         value = torch.zeros_like(_full_shape_local(p))
     elif _zero3(p) or hasattr(p, "_hp_mapping"):
         value = safe_get_full_optimizer_state(p, key)  # gathered over the ZeRO partitions
@@ -165,10 +165,10 @@ def _weight_full(p) -> torch.Tensor:
 def write_full(tmp: Path, named_params: list, ema: list, optimizer, rank_in_stage: int, stage_size: int) -> None:
     """The layout-free copy of this pipeline stage's parameters. Every rank of the stage joins each gather; the
     parameters are written round-robin by the stage's ranks, so no rank holds more than its share."""
-    mine = {}
+    mine, stepped = {}, optimizer_step(optimizer) > 0
     for i, ((name, p), e) in enumerate(zip(named_params, ema)):
         entries = {"model": _weight_full(p), "ema": _full(p, e),
-                   **{k: _optimizer_state_full(p, k, optimizer) for k in OPTIM_KEYS}}
+                   **{k: _optimizer_state_full(p, k, optimizer, stepped) for k in OPTIM_KEYS}}
         if i % stage_size == rank_in_stage:
             mine.update({f"{kind}/{name}": t.float() for kind, t in entries.items()})
     if mine:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -99,5 +100,4 @@ def main(argv: list[str] | None = None) -> None:
     recon = vae.decode(latents, tiled=True)[0].cpu()
     mse = torch.mean((recon.clamp(-1, 1) - video) ** 2).item()
     out = write_video(args.output, to_uint8(recon), fps=fps, upscale=args.upscale)
-    import math
     print(f"wrote {out}: latents {tuple(latents.shape[1:])}, PSNR {10 * math.log10(4 / max(mse, 1e-12)):.2f} dB")

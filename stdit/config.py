@@ -345,12 +345,14 @@ def validate(cfg: Config) -> None:
     _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
 
 
+def compression_factors(v: VAEConfig) -> tuple[int, int]:
+    """(time, space) compression of an autoencoder: 2 per temporal downsampling, 2 per level after the first."""
+    return 2 ** sum(bool(t) for t in v.temporal_down), 2 ** (len(v.channel_mult) - 1)
+
+
 def sample_grid_factors(cfg: Config) -> tuple[int, int]:
     """(time, space) factor from a data clip to what the DiT sees: (1, 1) in pixels, the VAE's with model.vae."""
-    if cfg.model.vae is None:
-        return 1, 1
-    v = vae_config_of(cfg.model.vae)
-    return 2 ** sum(bool(t) for t in v.temporal_down), 2 ** (len(v.channel_mult) - 1)
+    return (1, 1) if cfg.model.vae is None else compression_factors(vae_config_of(cfg.model.vae))
 
 
 def validate_dit_data(cfg: Config) -> None:
@@ -378,7 +380,7 @@ def validate_vae(cfg: Config) -> None:
            f"needs one entry per downsampling: len(vae.channel_mult) - 1 = {len(v.channel_mult) - 1}")
     _check(all((v.base_channels * k) % v.norm_groups == 0 for k in v.channel_mult), "vae.norm_groups",
            f"{v.norm_groups} must divide every level's width vae.base_channels * vae.channel_mult")
-    ft, fs = 2 ** sum(bool(t) for t in v.temporal_down), 2 ** (len(v.channel_mult) - 1)
+    ft, fs = compression_factors(v)
     for t in d.frame_counts:
         _check((t - 1) % ft == 0, "data.frame_counts", f"frame count {t} must be 1 + {ft}k for the autoencoder")
     for hw in d.resolutions:

@@ -190,9 +190,9 @@ class Trainer:
         if self.resume_from is not None:
             self.resume_meta = checkpoint.read_meta(self.resume_from)
             checkpoint.check_shapes(self.resume_from, self.resume_meta, self.param_shapes)
-            self.same_layout = (self.resume_meta["layout"] == self.dims.describe()
-                                and (self.resume_from / "engine").is_dir())
-            if not (self.distributed and self.same_layout):  # the layout-free route: full weights before sharding
+            same_layout = (self.resume_meta["layout"] == self.dims.describe()
+                           and (self.resume_from / "engine").is_dir())
+            if not (self.distributed and same_layout):  # the layout-free route: full weights before sharding
                 self.full = checkpoint.FullTensors(self.resume_from)
                 model.load_state_dict(self.full.state_dict("model"))
         self.run_dir.mkdir(parents=True, exist_ok=True)  # only once the config and any checkpoint fit
@@ -297,12 +297,10 @@ class Trainer:
                 ps.get_data_parallel_rank(with_context_parallel=True),
                 dist.get_rank() % (self.dims.world_size // self.dims.pp))  # pp is the outermost axis
 
-    def _ema_shard(self) -> str | None:
-        """This rank's EMA shard file, or None where another rank of the same shard writes it."""
+    def _ema_shard(self) -> str:
+        """This rank's EMA shard file: one per (stage, tensor rank), and per ZeRO partition under ZeRO-3."""
         pp, tp, dp, _ = self._coords()
-        if self.dims.zero == 3:
-            return checkpoint.ema_shard_name(pp, tp, dp)
-        return checkpoint.ema_shard_name(pp, tp, 0)
+        return checkpoint.ema_shard_name(pp, tp, dp if self.dims.zero == 3 else 0)
 
     def restore(self) -> None:
         """Continue from self.resume_from: on the same layout from the engine's shards (bit-exact), on another

@@ -1,3 +1,9 @@
+import json
+import os
+import socket
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -28,3 +34,26 @@ def rand_videos(shapes, channels=3, seed=0):
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def logged_losses(run_dir) -> list[float]:
+    """The loss of every line of a run's metrics.jsonl."""
+    return [json.loads(x)["loss"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def start_srun_style(args: list[str], ntasks: int = 2, stdout=subprocess.PIPE) -> list[subprocess.Popen]:
+    """`python -m stdit.train ARGS` as srun starts tasks: rank, size and local rank only in SLURM_* variables."""
+    port, procs = str(free_port()), []
+    for rank in range(ntasks):
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        env.update(SLURM_PROCID=str(rank), SLURM_NTASKS=str(ntasks), SLURM_LOCALID=str(rank),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, "-m", "stdit.train", *args], env=env, text=True,
+                                      stdout=stdout, stderr=subprocess.PIPE))
+    return procs

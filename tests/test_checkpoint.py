@@ -6,13 +6,13 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 import torch
+from conftest import free_port, start_srun_style
 
 from parallel import checkpoint
 from stdit.config import load_config
@@ -33,19 +33,13 @@ OTHER_LAYOUT = {"dp4.zero3": (4, ["parallel.zero=3"]), "pp2.tp2": (4, ["parallel
 KINDS = ("model", "ema", "exp_avg", "exp_avg_sq")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _train(run_dir, nproc: int, layout: list[str], steps: int, *extra: str):
     args = ["recipes/tiny.yaml", *FAST, f"run.dir={run_dir}", f"run.steps={steps}", *layout, *extra]
     if nproc == 1:
         cmd = [sys.executable, "-m", "stdit.train", *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-               f"--master-port={_free_port()}", "-m", "stdit.train", *args]
+               f"--master-port={free_port()}", "-m", "stdit.train", *args]
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
                          timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -206,13 +200,7 @@ def test_data_position_carries_over_in_samples():
 def test_sigterm_on_one_rank_checkpoints_every_rank_and_exits_zero(tmp_path):
     """Two srun-style tasks (tp=2); SIGTERM reaches one: both finish the step, save it together and exit 0."""
     args = ["recipes/tiny.yaml", *FAST, f"run.dir={tmp_path}", "run.steps=100000", "parallel.tp=2"]
-    port, procs = str(_free_port()), []
-    for rank in range(2):
-        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-        env.update(SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=port, OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, "-m", "stdit.train", *args], env=env, text=True,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+    procs = start_srun_style(args, stdout=subprocess.DEVNULL)
     metrics, deadline = tmp_path / "metrics.jsonl", time.time() + 300
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
         time.sleep(0.2)

@@ -4,12 +4,12 @@ Each layout trains the same recipe, seed and global batch for a few steps; its p
 (gathered) weights and EMA must match a single-process run."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
+from conftest import free_port, logged_losses, start_srun_style
 
 from parallel import checkpoint
 from stdit.config import load_config
@@ -35,35 +35,25 @@ LAYOUTS = [  # (processes, overrides)
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _losses(run_dir):
-    return [json.loads(x)["loss"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.fixture(scope="module", params=["factorized", "full"])
 def reference(request, tmp_path_factory):
     run = tmp_path_factory.mktemp(f"single-{request.param}")
     cfg = load_config("recipes/tiny.yaml", FAST + [f"model.attention={request.param}", f"run.dir={run}"])
     Trainer(cfg).train()
     ckpt = run / "checkpoints" / "step_00000004"
-    return request.param, _losses(run), checkpoint.read_weights(ckpt, "model"), checkpoint.read_weights(ckpt, "ema")
+    return request.param, logged_losses(run), checkpoint.read_weights(ckpt, "model"), checkpoint.read_weights(ckpt, "ema")
 
 
 @pytest.mark.parametrize("nproc,layout", LAYOUTS, ids=[" ".join(x) for _, x in LAYOUTS])
 def test_layout_matches_single_process(reference, nproc, layout, tmp_path):
     attention, ref_losses, ref_model, ref_ema = reference
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={_free_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
            "-m", "stdit.train", "recipes/tiny.yaml", *FAST, f"model.attention={attention}", f"run.dir={tmp_path}",
            *layout]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    losses = _losses(tmp_path)
+    losses = logged_losses(tmp_path)
     assert len(losses) == len(ref_losses)
     for a, b in zip(losses, ref_losses):
         assert abs(a - b) <= 1e-4 * abs(b), (losses, ref_losses)
@@ -78,15 +68,8 @@ def test_layout_matches_single_process(reference, nproc, layout, tmp_path):
 
 
 def _run_srun_style(tmp_path, args):
-    """Two tasks started as srun starts them: rank, size and local rank only in SLURM_* variables."""
-    port = str(_free_port())
-    procs = []
-    for rank in range(2):
-        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-        env.update(SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=port, OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, "-m", "stdit.train", *args], env=env, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    """Two tasks started as srun starts them."""
+    procs = start_srun_style(args)
     outs = [p.communicate(timeout=600) for p in procs]
     return max(p.returncode for p in procs), outs[0][1]
 
@@ -99,11 +82,11 @@ def test_other_launchers_match_single_process(reference, launcher, tmp_path):
     args = ["recipes/tiny.yaml", *FAST, f"run.dir={tmp_path}", "parallel.tp=2"]
     if launcher == "deepspeed":
         out = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-                              str(_free_port()), "--module", "stdit.train", *args], capture_output=True, text=True,
+                              str(free_port()), "--module", "stdit.train", *args], capture_output=True, text=True,
                              timeout=600)
         rc, err = out.returncode, out.stderr
     else:
         rc, err = _run_srun_style(tmp_path, args)
     assert rc == 0, err[-3000:]
-    losses = _losses(tmp_path)
+    losses = logged_losses(tmp_path)
     assert all(abs(a - b) <= 1e-4 * abs(b) for a, b in zip(losses, ref_losses)) and len(losses) == len(ref_losses)

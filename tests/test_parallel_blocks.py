@@ -1,27 +1,19 @@
 """Multi-process (gloo, CPU) checks of the parallel building blocks against the unsharded model:
 megatron-core tensor-parallel layers, Ulysses context parallelism, and both together."""
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import free_port, rand_videos, randomize, tiny_model_cfg
 
 from stdit.config import Config, ConfigError
 from stdit.models.stdit import ATTENTION_KERNELS, TP_HEAD_SHARED, TP_PLAN, STDiT
 from stdit.packing import pack, token_counts
 
-from conftest import rand_videos, randomize, tiny_model_cfg
-
 SHAPES = [(3, 8, 12), (1, 6, 6), (4, 4, 8), (2, 10, 4)]
 TEXT_DIM = 16
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _batch():
@@ -88,7 +80,7 @@ def _worker(rank, world, port, tp, cp, attention):
 @pytest.mark.parametrize("tp,cp,attention", [(1, 2, "full"), (2, 2, "factorized")])
 def test_sharded_model_matches_unsharded(tp, cp, attention):
     world = tp * cp
-    mp.spawn(_worker, args=(world, _free_port(), tp, cp, attention), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), tp, cp, attention), nprocs=world, join=True)
 
 
 @pytest.mark.parametrize("overrides,keys", [

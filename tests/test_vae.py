@@ -2,12 +2,12 @@
 latent space end to end."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
+from conftest import free_port, logged_losses
 
 from stdit.config import ConfigError, VAEConfig, load_config
 from stdit.models.vae import VideoVAE
@@ -70,16 +70,6 @@ def test_temporal_tiling_is_exact():
     assert vae.tiled_decode(mean).shape == x.shape
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _losses(run_dir):
-    return [json.loads(x)["loss"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def _vae_args(run_dir, steps, *extra):
     return ["recipes/vae/tiny.yaml", *VAE_FAST, f"run.dir={run_dir}", f"run.steps={steps}", *extra]
 
@@ -105,11 +95,11 @@ def test_vae_run_writes_metrics_stats_reconstructions_and_checkpoint(vae_run):
 
 
 def test_vae_data_parallel_zero2_matches_one_process(vae_run, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={_free_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
            "-m", "stdit.train", *_vae_args(tmp_path, 4, "parallel.zero=2", "run.samples_at_end=0")]
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    ref, got = _losses(vae_run), _losses(tmp_path)
+    ref, got = logged_losses(vae_run), logged_losses(tmp_path)
     assert len(got) == len(ref) == 4
     assert all(abs(a - b) <= 1e-4 * abs(b) for a, b in zip(got, ref)), (got, ref)
 

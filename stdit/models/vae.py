@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from stdit.config import compression_factors
+
 # ----------------------------------------------------------------------------------------------------------
 # Layers
 # ----------------------------------------------------------------------------------------------------------
@@ -209,8 +211,7 @@ class VideoVAE(nn.Module):
                              f"{len(cfg.channel_mult) - 1}), got {cfg.temporal_down}")
         self.cfg = cfg
         self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
-        self.time_factor = 2 ** sum(bool(t) for t in cfg.temporal_down)
-        self.space_factor = 2 ** (len(cfg.channel_mult) - 1)
+        self.time_factor, self.space_factor = compression_factors(cfg)
         self.register_buffer("latent_mean", torch.zeros(cfg.latent_channels), persistent=False)
         self.register_buffer("latent_std", torch.ones(cfg.latent_channels), persistent=False)
 
