@@ -33,6 +33,8 @@ class RunConfig:
     """Videos generated with the EMA weights at the end of training and logged to TensorBoard (0: none)."""
     stage: str = "dit"
     """dit (stage 2: the diffusion transformer) | vae (stage 1: the video autoencoder, `vae.*`)."""
+    log_sample_ids: bool = False
+    """Add each logged step's dataset sample ids to metrics.jsonl (to audit the data order, e.g. across resumes)."""
 
 
 @dataclass
@@ -122,6 +124,24 @@ class DataConfig:
     """Samples per optimizer step (the global batch, whatever the parallel layout)."""
     token_budget: int = 2048
     """Tokens per micro-batch (fixed L of a packed sequence); a step is split into as many micro-batches as needed."""
+    micro_batches: int = 0
+    """0: a step is data.batch_size samples. M > 0: a step is M micro-batches of data.token_budget, packed from a
+    look-ahead buffer (mixed shapes, little padding; samples per step vary). See stdit/data/loader.py."""
+    lookahead: int = 64
+    """With data.micro_batches > 0: samples in the look-ahead buffer that packing chooses from."""
+    num_workers: int = 0
+    """Worker processes decoding samples ahead of training (0: in the training process)."""
+    frame_stride: int = 1
+    """data.source=shards: keep every k-th source frame."""
+    target_fps: float = 0.0
+    """data.source=shards: when > 0, the frame stride is source fps / target_fps (rounded, >= 1) per clip."""
+    cached: bool = False
+    """data.source=shards: the shards are `stdit data cache` output (autoencoder latents + caption embeddings)."""
+    masks: dict[str, float] = field(default_factory=lambda: {"none": 1.0})
+    """Conditioning mix, weight per strategy: none (text-to-video), first_frame (image-to-video), first_frames,
+    last_frames (backward extension), first_last (looping / connection), random_frames. Conditioning frames
+    are given clean and are not in the loss. A recipe's weights add to the default none: 1.0 (set it to 0 to
+    drop it). See stdit/diffusion/masks.py."""
 
 
 @dataclass
@@ -243,6 +263,7 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | None = 
     """Structured defaults -> recipe (with bases) -> `key=value` overrides, validated, as a Config object."""
     cfg = OmegaConf.structured(Config)
     OmegaConf.set_struct(cfg, True)
+    OmegaConf.set_struct(cfg.data.masks, False)  # its keys are strategy names (checked in validate)
     try:
         if recipe is not None:
             cfg = OmegaConf.merge(cfg, _read_recipe(Path(recipe)))
@@ -330,7 +351,21 @@ def validate(cfg: Config) -> None:
     _check(d.batch_size >= 1, "data.batch_size", f"must be >= 1, got {d.batch_size}")
     _check(d.source != "synthetic" or d.num_samples >= d.batch_size, "data.num_samples",
            f"must be >= data.batch_size={d.batch_size}")
+    _check(d.micro_batches >= 0, "data.micro_batches", f"must be >= 0, got {d.micro_batches}")
+    _check(d.micro_batches == 0 or d.lookahead >= 1, "data.lookahead", f"must be >= 1, got {d.lookahead}")
+    _check(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+    _check(d.frame_stride >= 1, "data.frame_stride", f"must be >= 1, got {d.frame_stride}")
+    _check(d.target_fps >= 0, "data.target_fps", f"must be >= 0 (0: use data.frame_stride), got {d.target_fps}")
+    _check(not d.cached or d.source == "shards", "data.cached", "cached latents are read from data.shards; "
+           "set data.source=shards")
+    from stdit.diffusion.masks import STRATEGIES
+    unknown = sorted(set(d.masks) - set(STRATEGIES))
+    _check(not unknown, "data.masks", f"unknown strategies {unknown}; use {list(STRATEGIES)}")
+    _check(all(w >= 0 for w in d.masks.values()) and sum(d.masks.values()) > 0, "data.masks",
+           f"weights must be >= 0 with a positive sum, got {dict(d.masks)}")
     _check(cfg.run.stage in ("dit", "vae"), "run.stage", f"must be dit or vae, got {cfg.run.stage!r}")
+    _check(cfg.run.stage != "vae" or (d.micro_batches == 0 and not d.cached), "data.micro_batches",
+           "run.stage=vae takes data.batch_size pixel samples per step; set data.micro_batches=0, data.cached=false")
     if cfg.run.stage == "vae":
         validate_vae(cfg)
     else:

@@ -27,8 +27,9 @@ from parallel.pipeline import batch_inputs, build_pipeline
 from parallel.pipeline import plain_name as pipe_plain_name
 from parallel.tensor import apply_tp
 from stdit.config import Config, load_config, to_yaml
-from stdit.data.loader import GlobalBatches, build_dataset
+from stdit.data.loader import StepSampler, build_dataset
 from stdit.data.video import to_uint8, write_video
+from stdit.diffusion.masks import draw_mask
 from stdit.diffusion.rectified_flow import SampleDraw, draw, flow_loss_sum, noisy_inputs
 from stdit.diffusion.sampler import sample_videos
 from stdit.flops import forward_flops, peak_flops
@@ -75,31 +76,37 @@ def _filler(budget: int, channels: int, patch, text_dim: int):
     return batch, [SampleDraw(t=0.0, noise=torch.zeros(1, batch.tokens.shape[1]), drop_caption=False)]
 
 
-def plan_step(text_encoder, samples, step: int, cfg: Config, shard: Shard = Shard()):
+def plan_step(text_encoder, samples, step: int, cfg: Config, shard: Shard = Shard(), bins=None):
     """This process's micro-batches of one global batch: [(packed batch, draws)], the global loss-token count,
     and step statistics.
 
-    The global batch is packed into micro-batches of the token budget the same way on every process; dp ranks
-    take shares of them (padded with fillers to equal counts).
+    `bins` (lists of indices into samples, one per micro-batch) come from the data sampler; without them the
+    samples are packed first-fit-decreasing into micro-batches of the token budget. Either way every process
+    plans the same micro-batches; dp ranks take shares of them (padded with fillers to equal counts).
     """
     patch, budget = cfg.model.patch_size, cfg.data.token_budget
     counts = token_counts([s.video.shape[1:] for s in samples], patch)
+    grids = [grid_of(s.video.shape[1:], patch) for s in samples]
     channels = samples[0].video.shape[0]
     token_dim = channels * math.prod(patch)
     draws = [draw(cfg.run.seed, step, s.sample_id, n, token_dim, cfg.diffusion) for s, n in zip(samples, counts)]
-    texts = text_encoder.encode(["" if d.drop_caption else s.caption for s, d in zip(samples, draws)])
-    plans = plan_microbatches(counts, budget)
+    conds = [draw_mask(cfg.data.masks, cfg.run.seed, step, s.sample_id, g[0])[1] for s, g in zip(samples, grids)]
+    texts = text_encoder.encode(["" if d.drop_caption or s.text is not None else s.caption
+                                 for s, d in zip(samples, draws)])
+    texts = [s.text.to(t.device) if s.text is not None and not d.drop_caption else t
+             for s, d, t in zip(samples, draws, texts)]
+    plans = plan_microbatches(counts, budget) if bins is None else bins
     batches = [pack([samples[i].video for i in idx], [texts[i] for i in idx], [samples[i].fps for i in idx],
-                    patch, budget, sample_ids=[samples[i].sample_id for i in idx]) for idx in plans]
+                    patch, budget, sample_ids=[samples[i].sample_id for i in idx],
+                    cond_frames=[conds[i] for i in idx]) for idx in plans]
     total_loss_tokens = sum(int(b.loss_mask.sum()) for b in batches)
     shares = assign_microbatches([b.num_real_tokens for b in batches], shard.dp_size)
     mine = [(batches[j], [draws[i] for i in plans[j]]) for j in shares[shard.dp_rank]]
     mine += [_filler(budget, channels, patch, texts[0].shape[1])] * (max(map(len, shares)) - len(mine))
     real = sum(counts)
-    grids = [grid_of(s.video.shape[1:], patch) for s in samples]
     flops = 3 * forward_flops(cfg.model, texts[0].shape[1], grids, [int(x.shape[0]) for x in texts])
-    stats = {"tokens": real, "micro_batches": len(batches), "model_flops": flops,
-             "padding_fraction": 1.0 - real / (len(batches) * budget)}
+    stats = {"tokens": real, "samples": len(samples), "micro_batches": len(batches), "model_flops": flops,
+             "padding_fraction": 1.0 - real / (len(batches) * budget), "loss_tokens": total_loss_tokens}
     return mine, total_loss_tokens, stats
 
 
@@ -114,14 +121,14 @@ def micro_batch_inputs(batch, draws, shard: Shard, device):
 
 
 def forward_backward(model, text_encoder, samples, step: int, cfg: Config, device: torch.device, backward=None,
-                     shard: Shard = Shard()) -> dict:
+                     shard: Shard = Shard(), bins=None) -> dict:
     """Loss (this process's part) and accumulated gradients of one global batch.
 
     Each micro-batch adds sum(loss) / (loss tokens of the global batch), scaled by dp*cp because the engine
     averages gradients over those ranks — so neither the micro-batch split nor the layout changes the loss or
     the gradients.
     """
-    mine, total_loss_tokens, stats = plan_step(text_encoder, samples, step, cfg, shard)
+    mine, total_loss_tokens, stats = plan_step(text_encoder, samples, step, cfg, shard, bins)
     scale = shard.dp_size * shard.cp_size
     backward = backward or torch.Tensor.backward
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -215,7 +222,8 @@ class Trainer:
         else:
             self.engine, self.model, self.shard = None, model, Shard()
             self.ema = copy.deepcopy(model).requires_grad_(False)
-        self.batches = GlobalBatches(build_dataset(cfg.data, cfg.run.seed), cfg.data.batch_size, cfg.run.seed)
+        self.batches = StepSampler(build_dataset(cfg.data, cfg.run.seed), cfg.data, cfg.run.seed, self.tokens_of,
+                                   cfg.data.num_workers)
         self.logger = MetricsLogger(self.run_dir, enabled=self.is_main)
         self.step, self.tokens_seen = 0, 0
 
@@ -238,13 +246,21 @@ class Trainer:
             model = build_pipeline(model, self.dims, self.pipe_loss)  # keeps this stage's layers
         return model
 
-    def global_batch(self, step: int) -> list:
-        """Step `step`'s samples; with model.vae their videos become (scaled) latents, encoded on the fly."""
-        samples = self.batches.samples(step)
+    def tokens_of(self, shape) -> int:
+        """Model tokens of a sample of dataset shape (T, H, W) (pixels, or latents when the data is cached)."""
+        if self.vae is not None and not self.cfg.data.cached:
+            shape = self.vae.latent_shape(*shape)
+        return math.prod(grid_of(shape, self.cfg.model.patch_size))
+
+    def global_batch(self, step: int) -> tuple[list, list]:
+        """Step `step`'s samples and micro-batches; with model.vae, pixel videos become (scaled) latents, encoded
+        on the fly (cached shards hold latents already)."""
+        samples, bins = self.batches.samples(step), self.batches.plan(step).bins
         if self.vae is None:
-            return samples
-        return [dataclasses.replace(s, video=self.vae.encode(s.video[None].to(self.device), tiled=True)[0].cpu())
-                for s in samples]
+            return samples, bins
+        return [s if s.latent else dataclasses.replace(
+            s, video=self.vae.encode(s.video[None].to(self.device), tiled=True)[0].cpu(), latent=True)
+            for s in samples], bins
 
     def optimizer_step(self) -> tuple[float, float]:
         """Clip, step the optimizer and the LR schedule; (gradient norm, lr used)."""
@@ -330,7 +346,7 @@ class Trainer:
             checkpoint.set_rng_state(torch.load(path / "rng" / f"rank_{rank:05d}.pt", map_location="cpu",
                                                 weights_only=False))
         self.step, self.tokens_seen = meta["step"], meta["tokens_seen"]
-        self.batches.resume(self.step, meta["samples_seen"])
+        self.batches.resume(self.step, meta.get("data_state", meta["samples_seen"]))
         if self.is_main:
             how = "same layout" if meta["layout"] == self.dims.describe() else f"re-laid out from {meta['layout']}"
             print(f"resumed from {path} at step {self.step} ({how})", file=sys.stderr)
@@ -352,7 +368,8 @@ class Trainer:
         checkpoint.write_rank_state(tmp)
         if self.is_main:
             meta = {"step": self.step, "tokens_seen": self.tokens_seen,
-                    "samples_seen": self.batches.position(self.step), "layout": self.dims.describe(),
+                    "samples_seen": self.batches.samples_consumed(self.step),
+                    "data_state": self.batches.state(self.step), "layout": self.dims.describe(),
                     "world_size": self.dims.world_size, "optimizer_step": checkpoint.optimizer_step(optimizer),
                     "params": self.param_shapes}
             checkpoint.write_main(tmp, meta, {"scheduler": self.scheduler.state_dict()}, self.config_yaml)
@@ -361,20 +378,20 @@ class Trainer:
     def train_step(self) -> dict:
         cfg, start = self.cfg, time.perf_counter()
         self.model.train()
-        samples = self.global_batch(self.step)
+        samples, bins = self.global_batch(self.step)
         if self.engine is None:
             self.optimizer.zero_grad(set_to_none=True)
-            stats = forward_backward(self.model, self.text_encoder, samples, self.step, cfg, self.device)
+            stats = forward_backward(self.model, self.text_encoder, samples, self.step, cfg, self.device, bins=bins)
             grad_norm, lr = self.optimizer_step()
         elif self.dims.pp > 1:
             lr = self.engine.get_lr()[0]
-            stats = self.pipeline_step(samples)  # forward, backward and optimizer step
+            stats = self.pipeline_step(samples, bins)  # forward, backward and optimizer step
             grad_norm = float(self.engine.get_global_grad_norm() or float("nan"))
         else:
             # through the engine, not its module: its forward starts each micro-step (ZeRO-3 accumulates by it)
             stats = forward_backward(self.engine, self.text_encoder, samples, self.step, cfg, self.device,
                                      backward=lambda loss: self.engine.backward(loss, scale_wrt_gas=False),
-                                     shard=self.shard)
+                                     shard=self.shard, bins=bins)
             grad_norm, lr = self.optimizer_step()
             loss = torch.tensor([stats["loss"]], dtype=torch.float64)
             dist.all_reduce(loss, group=self.loss_group)  # each dp x cp rank held part of the global mean
@@ -385,7 +402,10 @@ class Trainer:
         metrics = {"step": self.step, "loss": stats["loss"], "grad_norm": grad_norm, "lr": lr,
                    "tokens": stats["tokens"], "tokens_seen": self.tokens_seen, "tokens_per_s": stats["tokens"] / dt,
                    "step_time_s": dt, "padding_fraction": stats["padding_fraction"],
-                   "micro_batches": stats["micro_batches"], "layout": self.dims.describe()}
+                   "micro_batches": stats["micro_batches"], "samples": stats["samples"],
+                   "layout": self.dims.describe()}
+        if cfg.run.log_sample_ids:
+            metrics["sample_ids"] = [s.sample_id for s in samples]
         per_device = stats["model_flops"] / dt / self.dims.world_size
         metrics["model_tflops_per_s_per_device"] = per_device / 1e12
         if self.device.type == "cuda":
@@ -394,10 +414,10 @@ class Trainer:
                 metrics["mfu"] = per_device / peak_flops(self.device)
         return metrics
 
-    def pipeline_step(self, samples) -> dict:
+    def pipeline_step(self, samples, bins) -> dict:
         """One step through DeepSpeed's pipeline engine: it runs this rank's micro-batches through the stages."""
         from megatron.core import parallel_state as ps
-        mine, total, stats = plan_step(self.text_encoder, samples, self.step, self.cfg, self.shard)
+        mine, total, stats = plan_step(self.text_encoder, samples, self.step, self.cfg, self.shard, bins)
         items = []
         for batch, draws in mine:
             x_t, t_frame, target, view = micro_batch_inputs(batch, draws, self.shard, self.device)
@@ -431,6 +451,7 @@ class Trainer:
             if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.run.steps:
                 self.save()
         bar.close()
+        self.batches.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         saved = self.save()

@@ -39,6 +39,9 @@ class VAETrainer(Trainer):
     def parallelize(self, model):
         return model
 
+    def tokens_of(self, shape) -> int:
+        return 1  # the autoencoder takes whole samples, never packed micro-batches of a token budget
+
     def sample_loss(self, model, x: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Loss of one sample [1, C, T, H, W] and its parts."""
         recon, mean, logvar = model(x, noise)

@@ -15,8 +15,8 @@ import torch
 from conftest import free_port, start_srun_style
 
 from parallel import checkpoint
-from stdit.config import load_config
-from stdit.data.loader import GlobalBatches
+from stdit.config import DataConfig, load_config
+from stdit.data.loader import StepSampler
 from stdit.train import Trainer
 
 FAST = ["model.hidden_size=32", "model.depth=2", "model.num_heads=4", "data.resolutions=[[8,8],[8,16],[16,8]]",
@@ -188,12 +188,20 @@ def test_data_position_carries_over_in_samples():
         def __len__(self):
             return 10
 
+        def shape_of(self, i):
+            return (1, 2, 2)
+
         def __getitem__(self, i):
             return i
-    straight = GlobalBatches(Ids(), 4, seed=1)
+
+    def sampler(batch_size):
+        return StepSampler(Ids(), DataConfig(batch_size=batch_size), seed=1, tokens_of=lambda shape: 1)
+    straight = sampler(4)
     stream = [i for s in range(8) for i in straight.ids(s)]
-    resumed = GlobalBatches(Ids(), 6, seed=1)  # batch size changed at the resume
-    resumed.resume(step=2, samples_seen=straight.position(2))
+    resumed = sampler(6)  # batch size changed at the resume
+    resumed.resume(2, straight.state(2))
+    assert [i for s in range(2, 5) for i in resumed.ids(s)] == stream[8:26]
+    resumed.resume(2, 8)  # a checkpoint of the fixed-count mode that stored only the samples seen
     assert [i for s in range(2, 5) for i in resumed.ids(s)] == stream[8:26]
 
 

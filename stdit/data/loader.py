@@ -1,23 +1,40 @@
-"""Which samples make up each step's global batch, independent of the parallel layout.
+"""Which samples make up each step, independent of the parallel layout, and loading them ahead of training.
 
-The position in the data is one number, the count of samples consumed; epoch e visits the dataset in a
-permutation drawn from (seed, e). Step s's global batch is samples [s * B, (s + 1) * B) of that stream, or,
-after a resume at step s0 from position n0 (which a checkpoint stores in samples, so a changed batch size or
-number of ranks continues at the right sample), [n0 + (s - s0) * B, n0 + (s - s0 + 1) * B).
+The stream: epoch e visits the dataset in a permutation drawn from (seed, e); stream position p is sample
+perm_{p // N}[p % N]. A step is planned from the stream in one of two ways:
+
+  data.micro_batches = 0   the next data.batch_size samples, packed first-fit-decreasing into as many
+                           micro-batches of data.token_budget as they need (the last one may be part padding).
+  data.micro_batches = M   exactly M micro-batches of data.token_budget, filled from a look-ahead buffer of the
+                           next data.lookahead samples: overdue samples first, then first-fit-decreasing; what
+                           does not fit waits in the buffer for a later step (NaViT-style packing).
+
+The data state before a step is {"next": stream position of the next sample to enter the buffer, "buffer":
+the stream positions waiting}. Planning reads only sample shapes (dataset.shape_of), never pixels, so it is the
+same on every process and layout, runs ahead of loading, and its state goes into checkpoints: a resume on any
+number of ranks continues with exactly the samples an uninterrupted run would have seen.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from stdit.data.sample import Sample
 from stdit.data.synthetic import SyntheticClips
+from stdit.packing import plan_microbatches
 
 
 def build_dataset(data_cfg, seed: int):
     """The dataset named by `data.source`: synthetic clips or tar shards (random access either way)."""
     if data_cfg.source == "shards":
-        from stdit.data.shards import ShardDataset
-        dataset = ShardDataset(data_cfg.shards, data_cfg.resolutions, data_cfg.frame_counts)
+        if data_cfg.cached:
+            from stdit.data.cache import CachedDataset
+            dataset = CachedDataset(data_cfg.shards)
+        else:
+            from stdit.data.shards import ShardDataset
+            dataset = ShardDataset(data_cfg.shards, data_cfg.resolutions, data_cfg.frame_counts,
+                                   data_cfg.frame_stride, data_cfg.target_fps)
         if len(dataset) < data_cfg.batch_size:
             raise ValueError(f"data.shards hold {len(dataset)} samples, fewer than data.batch_size="
                              f"{data_cfg.batch_size}")
@@ -33,35 +50,166 @@ def build_dataset(data_cfg, seed: int):
     )
 
 
-class GlobalBatches:
-    """Deterministic global batches: an epoch-wise permutation of the dataset, cut into batches of `batch_size`."""
+@dataclass
+class StepPlan:
+    """One step: dataset ids of its samples and their micro-batches (lists of indices into ids)."""
 
-    def __init__(self, dataset, batch_size: int, seed: int):
-        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+    ids: list[int]
+    bins: list[list[int]]
+    tokens: list[int]
+
+
+class StepSampler:
+    """Plans steps from the data stream (see the module docstring) and loads their samples.
+
+    `tokens_of(shape)` is the model's token count of a sample of dataset shape (T, H, W). With
+    `workers` > 0, samples are decoded in that many worker processes, steps ahead of the one training.
+    """
+
+    def __init__(self, dataset, data_cfg, seed: int, tokens_of, workers: int = 0):
+        self.dataset, self.seed, self.tokens_of, self.workers = dataset, seed, tokens_of, workers
+        self.batch_size, self.budget = data_cfg.batch_size, data_cfg.token_budget
+        self.micro_batches, self.lookahead = data_cfg.micro_batches, data_cfg.lookahead
         self._perm_epoch, self._perm = -1, None
-        self.origin_step, self.origin_samples = 0, 0
+        self._states = {0: {"next": 0, "buffer": []}}  # data state before each planned step
+        self._plans: dict[int, StepPlan] = {}
+        self._iter, self._iter_step = None, None
 
-    def resume(self, step: int, samples_seen: int) -> None:
-        """Continue so that step `step` starts at sample `samples_seen` of the stream."""
-        self.origin_step, self.origin_samples = step, samples_seen
-
-    def position(self, step: int) -> int:
-        """Samples consumed before step `step`."""
-        return self.origin_samples + (step - self.origin_step) * self.batch_size
-
+    # ---- the stream and its state -------------------------------------------------------------------------
     def _permutation(self, epoch: int) -> torch.Tensor:
         if epoch != self._perm_epoch:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             self._perm, self._perm_epoch = torch.randperm(len(self.dataset), generator=g), epoch
         return self._perm
 
-    def ids(self, step: int) -> list[int]:
-        """Dataset indices of step `step`'s global batch."""
+    def id_at(self, pos: int) -> int:
+        """Dataset id at stream position `pos`."""
         n = len(self.dataset)
-        out = []
-        for pos in range(self.position(step), self.position(step) + self.batch_size):
-            out.append(int(self._permutation(pos // n)[pos % n]))
-        return out
+        return int(self._permutation(pos // n)[pos % n])
+
+    def resume(self, step: int, state) -> None:
+        """Continue so that step `step` starts from data state `state` (a dict as in the module docstring; an
+        int is a count of samples consumed, as checkpoints of the fixed-count mode before look-ahead stored)."""
+        if isinstance(state, int):
+            state = {"next": state, "buffer": []}
+        self._states, self._plans = {step: {"next": int(state["next"]), "buffer": list(state["buffer"])}}, {}
+        self.close()
+
+    def state(self, step: int) -> dict:
+        """The data state before step `step` (what a checkpoint taken after step - 1 stores)."""
+        while step not in self._states:
+            self.plan(max(s for s in self._states if s < step))
+        return self._states[step]
+
+    def samples_consumed(self, step: int) -> int:
+        """Samples handed to training before step `step` (stream position minus what still waits)."""
+        s = self.state(step)
+        return s["next"] - len(s["buffer"])
+
+    # ---- planning -----------------------------------------------------------------------------------------
+    def plan(self, step: int) -> StepPlan:
+        """The samples and micro-batches of step `step`; steps are planned in order from the earliest known state."""
+        if step in self._plans:
+            return self._plans[step]
+        if step not in self._states:
+            if not self._states or step < min(self._states):
+                raise ValueError(f"step {step} is before the data stream's origin (step {min(self._states)})")
+            self.state(step)
+        state = self._states[step]
+        nxt, buffer = state["next"], list(state["buffer"])
+        if self.micro_batches == 0:
+            positions = list(range(nxt, nxt + self.batch_size))
+            counts = [self._tokens(p) for p in positions]
+            bins = plan_microbatches(counts, self.budget)
+            nxt, chosen = nxt + self.batch_size, positions
+        else:
+            while len(buffer) < self.lookahead:
+                buffer.append(nxt)
+                nxt += 1
+            chosen_bins = self._fill(buffer, nxt)
+            taken = {p for b in chosen_bins for p in b}
+            buffer = [p for p in buffer if p not in taken]
+            chosen = [p for b in chosen_bins for p in b]
+            bins, k = [], 0
+            for b in chosen_bins:
+                bins.append(list(range(k, k + len(b))))
+                k += len(b)
+            counts = [self._tokens(p) for p in chosen]
+        plan = StepPlan(ids=[self.id_at(p) for p in chosen], bins=bins, tokens=counts)
+        self._plans[step] = plan
+        self._states[step + 1] = {"next": nxt, "buffer": buffer}
+        for old in [s for s in self._plans if s < step - 256]:  # keep some: loading and checkpoints lag planning
+            del self._plans[old]
+            self._states.pop(old, None)
+        return plan
+
+    def _tokens(self, pos: int) -> int:
+        n = self.tokens_of(self.dataset.shape_of(self.id_at(pos)))
+        if n > self.budget:
+            raise ValueError(f"sample {self.id_at(pos)} has {n} tokens, more than data.token_budget={self.budget}; "
+                             "raise data.token_budget or lower data.resolutions / data.frame_counts")
+        return n
+
+    def _fill(self, buffer: list[int], nxt: int) -> list[list[int]]:
+        """Fill micro_batches bins of the token budget from the buffer: samples that have waited while a whole
+        look-ahead's worth of later samples passed go first (in stream order), then the rest largest first,
+        each into the first bin with room. Bins come out in the order filled, samples by stream position."""
+        overdue = [p for p in buffer if nxt - p > 2 * self.lookahead]
+        rest = sorted((p for p in buffer if nxt - p <= 2 * self.lookahead), key=lambda p: (-self._tokens(p), p))
+        bins: list[list[int]] = [[] for _ in range(self.micro_batches)]
+        room = [self.budget] * self.micro_batches
+        for p in overdue + rest:
+            n = self._tokens(p)
+            for b in range(self.micro_batches):
+                if n <= room[b]:
+                    bins[b].append(p)
+                    room[b] -= n
+                    break
+        return [sorted(b) for b in bins if b]
+
+    # ---- loading ------------------------------------------------------------------------------------------
+    def ids(self, step: int) -> list[int]:
+        return self.plan(step).ids
 
     def samples(self, step: int) -> list[Sample]:
-        return [self.dataset[i] for i in self.ids(step)]
+        """The samples of step `step` in plan order; with workers, consecutive steps are decoded ahead."""
+        if self.workers == 0:
+            return [self.dataset[i] for i in self.ids(step)]
+        if self._iter is None or self._iter_step != step:
+            self.close()
+            loader = torch.utils.data.DataLoader(
+                _ById(self.dataset), batch_sampler=_StepIds(self, step), num_workers=self.workers,
+                collate_fn=list, prefetch_factor=2, multiprocessing_context="fork")
+            self._iter, self._iter_step = iter(loader), step
+        self._iter_step += 1
+        return next(self._iter)
+
+    def close(self) -> None:
+        """Stop the worker processes (they restart on the next samples())."""
+        if self._iter is not None:
+            self._iter._shutdown_workers()
+        self._iter, self._iter_step = None, None
+
+
+class _ById(torch.utils.data.Dataset):
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return self.dataset[i]
+
+
+class _StepIds:
+    """The loader's batch sampler: the ids of consecutive steps from `start`, planned in the main process."""
+
+    def __init__(self, sampler: StepSampler, start: int):
+        self.sampler, self.start = sampler, start
+
+    def __iter__(self):
+        step = self.start
+        while True:
+            yield self.sampler.ids(step)
+            step += 1

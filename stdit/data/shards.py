@@ -4,9 +4,11 @@ Opening the shards builds an index (shard, member offset and size of each sample
 from the tar headers alone, so sample i is one seek and one decode, and GlobalBatches' epoch permutations and
 position-in-samples (exact resume on any layout) apply to real data as to the synthetic clips.
 
-A sample is decoded with PyAV (Pillow for images), cut to the largest of `data.frame_counts` that the clip
-holds (its first frames; an image is one frame), resized to cover and centre-cropped to the entry of
-`data.resolutions` whose aspect ratio is nearest its own (portrait clips go to portrait buckets).
+A sample is decoded with PyAV (Pillow for images); every k-th frame is kept (k = data.frame_stride, or the
+source fps / data.target_fps rounded, at least 1); the first frames are cut to the largest of
+`data.frame_counts` the clip holds (an image is one frame); then resized to cover and centre-cropped to the
+entry of `data.resolutions` whose aspect ratio is nearest its own (portrait clips go to portrait buckets).
+The shape a sample will have is known from the index (the probe) without decoding: shape_of(i).
 """
 from __future__ import annotations
 
@@ -43,10 +45,11 @@ def expand(patterns: list[str] | str) -> list[Path]:
 class ShardDataset:
     """Samples of webdataset tar shards, by index."""
 
-    def __init__(self, patterns, resolutions, frame_counts):
+    def __init__(self, patterns, resolutions, frame_counts, frame_stride: int = 1, target_fps: float = 0.0):
         self.resolutions = [tuple(int(x) for x in r) for r in resolutions]
         self.frame_counts = sorted(int(t) for t in frame_counts)
-        self.entries = []  # (shard, {extension: (offset, size)})
+        self.frame_stride, self.target_fps = int(frame_stride), float(target_fps)
+        self.entries = []  # (shard, {extension: (offset, size)}, probe)
         for shard in expand(patterns):
             groups: dict[str, dict[str, tuple[int, int]]] = {}
             with tarfile.open(shard) as tar:
@@ -54,8 +57,9 @@ class ShardDataset:
                     key, _, ext = m.name.partition(".")
                     groups.setdefault(key, {})[ext] = (m.offset_data, m.size)
             for key in sorted(groups):
-                if "txt" in groups[key] and len(groups[key]) >= 2:
-                    self.entries.append((shard, groups[key]))
+                parts = groups[key]
+                if "txt" in parts and "json" in parts and len(parts) >= 3:
+                    self.entries.append((shard, parts, json.loads(self._read(shard, parts["json"]))))
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -65,16 +69,34 @@ class ShardDataset:
             f.seek(where[0])
             return f.read(where[1])
 
+    def stride(self, fps: float) -> int:
+        """Keep every k-th source frame: data.frame_stride, or source fps / data.target_fps when that is set."""
+        if self.target_fps > 0 and fps > 0:
+            return max(1, round(fps / self.target_fps))
+        return self.frame_stride
+
+    def _frames(self, probe: dict) -> int:
+        """Frames the sample will have: the largest allowed count the strided clip holds (1 if none)."""
+        held = 1 + (int(probe["frames"]) - 1) // self.stride(probe.get("fps", 0.0))
+        return max([t for t in self.frame_counts if t <= held] or [1])
+
+    def shape_of(self, i: int) -> tuple[int, int, int]:
+        """(T, H, W) of sample i as __getitem__ returns it, from the probe alone."""
+        probe = self.entries[i][2]
+        return (self._frames(probe), *bucket(probe["height"], probe["width"], self.resolutions))
+
     def __getitem__(self, i: int) -> Sample:
-        shard, parts = self.entries[i]
+        shard, parts, probe = self.entries[i]
         caption = self._read(shard, parts["txt"]).decode().strip()
-        meta = json.loads(self._read(shard, parts["json"])) if "json" in parts else {}
         media = next(e for e in parts if e not in ("txt", "json"))
-        frames, fps = decode(self._read(shard, parts[media]), media, max(self.frame_counts))
-        usable = [t for t in self.frame_counts if t <= frames.shape[0]] or [1]
-        frames = frames[:usable[-1]]
+        k, t = self.stride(probe.get("fps", 0.0)), self._frames(probe)
+        frames, fps = decode(self._read(shard, parts[media]), media, 1 + (t - 1) * k)
+        frames = frames[::k][:t]
+        if frames.shape[0] != t:
+            raise ValueError(f"{shard} sample {i}: decoded {frames.shape[0]} frames, its probe promised {t}")
         video = fit_to_bucket(frames, self.resolutions)
-        return Sample(sample_id=i, video=video, caption=caption, fps=fps or meta.get("fps") or 8.0)
+        fps = fps or probe.get("fps") or 8.0
+        return Sample(sample_id=i, video=video, caption=caption, fps=fps / k)
 
 
 def decode(data: bytes, ext: str, max_frames: int) -> tuple[torch.Tensor, float]:
@@ -95,11 +117,16 @@ def decode(data: bytes, ext: str, max_frames: int) -> tuple[torch.Tensor, float]
     return torch.from_numpy(np.stack(out)), fps
 
 
+def bucket(H: int, W: int, resolutions) -> tuple[int, int]:
+    """The (h, w) of `resolutions` nearest in aspect ratio to H x W (ties: the larger)."""
+    return tuple(min(resolutions, key=lambda r: (abs(math.log((r[0] / r[1]) / (H / W))), -r[0] * r[1])))
+
+
 def fit_to_bucket(frames: torch.Tensor, resolutions: list[tuple[int, int]]) -> torch.Tensor:
     """uint8 [T, H, W, 3] -> float [3, T, h, w] in [-1, 1] at the bucket of the nearest aspect ratio (resize to
     cover, centre crop)."""
     _, H, W, _ = frames.shape
-    h, w = min(resolutions, key=lambda r: (abs(math.log((r[0] / r[1]) / (H / W))), -r[0] * r[1]))
+    h, w = bucket(H, W, resolutions)
     scale = max(h / H, w / W)
     nh, nw = max(h, round(H * scale)), max(w, round(W * scale))
     x = frames.permute(0, 3, 1, 2).float()
