@@ -11,6 +11,7 @@ commands:
   vae reconstruct --run RUN_DIR IN_VIDEO OUT_VIDEO   encode + decode a video with a trained autoencoder
   vae stats --run RUN_DIR        measure the autoencoder's latent mean / std on its training data
   data shard SRC OUT [--manifest F] probe video/image files with captions, write webdataset tar shards
+  data cache --vae RUN [--text-encoder PATH] SRC_SHARDS... OUT   encode shards once: latents + caption embeddings
   ckpt info PATH                 what a checkpoint (or a run's newest one) holds; checks it is complete
   ckpt export PATH OUT           consolidated EMA + raw weights (safetensors) and config, for `generate --run OUT`
 """
@@ -37,6 +38,9 @@ def main(argv: list[str] | None = None) -> None:
         elif command == "data" and rest[:1] == ["shard"]:
             from stdit.data import shard
             shard.main(rest[1:])
+        elif command == "data" and rest[:1] == ["cache"]:
+            from stdit.data import cache
+            cache.main(rest[1:])
         elif command == "ckpt":
             ckpt(rest)
         else:

@@ -26,7 +26,7 @@ from parallel.engine import plain_name as tp_plain_name
 from parallel.pipeline import batch_inputs, build_pipeline
 from parallel.pipeline import plain_name as pipe_plain_name
 from parallel.tensor import apply_tp
-from stdit.config import Config, load_config, to_yaml
+from stdit.config import Config, ConfigError, load_config, to_yaml
 from stdit.data.loader import StepSampler, build_dataset
 from stdit.data.video import to_uint8, write_video
 from stdit.diffusion.masks import draw_mask
@@ -224,8 +224,19 @@ class Trainer:
             self.ema = copy.deepcopy(model).requires_grad_(False)
         self.batches = StepSampler(build_dataset(cfg.data, cfg.run.seed), cfg.data, cfg.run.seed, self.tokens_of,
                                    cfg.data.num_workers)
+        if cfg.data.cached:
+            self.check_cache(self.batches.dataset)
         self.logger = MetricsLogger(self.run_dir, enabled=self.is_main)
         self.step, self.tokens_seen = 0, 0
+
+    def check_cache(self, dataset) -> None:
+        """Cached latents and embeddings must fit this model and text encoder."""
+        meta = dataset.entries[0][2]
+        if meta["channels"] != self.cfg.model.in_channels or meta["text_dim"] != self.text_encoder.dim:
+            raise ConfigError(f"data.shards hold {meta['channels']}-channel latents and {meta['text_dim']}-dim "
+                              f"caption embeddings, but the model takes model.in_channels={self.cfg.model.in_channels}"
+                              f" and the text encoder gives {self.text_encoder.dim}; set model.vae and text.* to "
+                              "what `stdit data cache` used (its OUT/cache.json)")
 
     def build_model(self) -> torch.nn.Module:
         """The plain, full model (and what it needs: the text encoder, a frozen autoencoder with model.vae)."""

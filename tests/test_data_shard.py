@@ -7,6 +7,7 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
+import torch
 
 
 def _write(path, codec, frames, size, fps, pix_fmt="yuv420p"):
@@ -118,7 +119,27 @@ def test_training_reads_the_shards(media, tmp_path):
         s = data[i]
         shapes[s.caption.rsplit(" ", 1)[-1]] = tuple(s.video.shape)
         assert s.video.min() >= -1 and s.video.max() <= 1
+        assert data.shape_of(i) == tuple(s.video.shape[1:])  # known from the probe, for the packing sampler
     assert shapes["landscape"] == (3, 8, 16, 24) and shapes["portrait"] == (3, 4, 24, 16)
     assert shapes["single"] == (3, 1, 16, 24) and shapes["short"] == (3, 2, 16, 24) and shapes["still"][1] == 1
     history = Trainer(cfg).train()
     assert [m["step"] for m in history] == [1, 2] and all(m["loss"] > 0 for m in history)
+
+
+def test_frame_stride_and_target_fps(media, tmp_path):
+    """Every k-th frame: a fixed stride, or per clip from its fps; the fps reported follows."""
+    from stdit.data.shard import shard
+    from stdit.data.shards import ShardDataset
+    src, good = media
+    shard(src, tmp_path / "shards", progress=False)
+    pattern, buckets = [f"{tmp_path}/shards/shard-*.tar"], [[16, 16], [16, 24], [24, 16]]
+    plain = ShardDataset(pattern, buckets, [1, 2, 3, 4, 5, 8])
+    by_name = {plain[i].caption.rsplit(" ", 1)[-1]: i for i in range(len(plain))}
+    land, port = by_name["landscape"], by_name["portrait"]  # 9 frames at 24 fps, 5 frames at 30 fps
+    strided = ShardDataset(pattern, buckets, [1, 2, 3, 4, 5, 8], frame_stride=2)
+    a, b = plain[land], strided[land]
+    assert b.video.shape[1] == 5 and b.fps == pytest.approx(a.fps / 2)
+    torch.testing.assert_close(b.video, ShardDataset(pattern, buckets, [9])[land].video[:, ::2])
+    by_fps = ShardDataset(pattern, buckets, [1, 2, 3, 4, 5, 8], target_fps=15)
+    assert by_fps.stride(24.0) == 2 and by_fps.stride(30.0) == 2 and by_fps.stride(8.0) == 1
+    assert by_fps[port].video.shape[1] == 3 and by_fps.shape_of(port) == tuple(by_fps[port].video.shape[1:])

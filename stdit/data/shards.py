@@ -49,7 +49,7 @@ class ShardDataset:
         self.resolutions = [tuple(int(x) for x in r) for r in resolutions]
         self.frame_counts = sorted(int(t) for t in frame_counts)
         self.frame_stride, self.target_fps = int(frame_stride), float(target_fps)
-        self.entries = []  # (shard, {extension: (offset, size)}, probe)
+        self.entries, self.keys = [], []  # (shard, {extension: (offset, size)}, probe); the samples' tar keys
         for shard in expand(patterns):
             groups: dict[str, dict[str, tuple[int, int]]] = {}
             with tarfile.open(shard) as tar:
@@ -60,6 +60,7 @@ class ShardDataset:
                 parts = groups[key]
                 if "txt" in parts and "json" in parts and len(parts) >= 3:
                     self.entries.append((shard, parts, json.loads(self._read(shard, parts["json"]))))
+                    self.keys.append(key)
 
     def __len__(self) -> int:
         return len(self.entries)

@@ -1,0 +1,207 @@
+"""`stdit data cache`: encode shards once into autoencoder latents and caption embeddings, for DiT training.
+
+    stdit data cache --vae RUN_OR_PATH [--text-encoder PATH --text-kind t5|clip] SRC_SHARDS... OUT
+                     [--recipe RECIPE] [--workers N] [key=value ...]
+
+Samples are read exactly as training reads pixel shards (the recipe's data.resolutions, frame_counts, frame_stride,
+target_fps), encoded with the autoencoder (scaled posterior means, tiled) and the text encoder (unpadded token
+embeddings), and written to OUT/cache-XXXXXX.tar, one per source shard, with the same sample keys and order: a
+safetensors member {latent [C, T, H, W], text [n, D]}, the caption (txt) and json (shape, fps, source). Train
+from them with `data.source=shards data.shards=OUT/cache-*.tar data.cached=true`.
+
+Resumable: a shard is written to a temporary name and renamed when complete; a rerun skips finished shards.
+Parallel: --workers processes take the source shards round robin, each on its own GPU when there are GPUs.
+OUT/cache.json records the autoencoder, the text encoder and the bucket settings; a rerun checks they match.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import tarfile
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from stdit.data.sample import Sample
+from stdit.data.shards import ShardDataset, expand
+
+
+def _settings(args, cfg) -> dict:
+    d = cfg.data
+    return {"vae": str(Path(args.vae).resolve()), "text_encoder": cfg.text.path, "text_kind": cfg.text.kind,
+            "text_max_length": cfg.text.max_length, "resolutions": [list(r) for r in d.resolutions],
+            "frame_counts": list(d.frame_counts), "frame_stride": d.frame_stride, "target_fps": d.target_fps}
+
+
+def _encoders(settings: dict, text_cfg, device: torch.device):
+    from stdit.autoencoder import load_vae
+    from stdit.models.text import TextEncoder
+    return load_vae(settings["vae"], device), TextEncoder.from_config(text_cfg).to(device)
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+@torch.no_grad()
+def cache_shard(source: Path, out: Path, settings: dict, vae, text_encoder, progress: bool = True) -> dict:
+    """Encode one source shard into `out` (written as out.tmp, then renamed); returns counts and skips."""
+    from safetensors.torch import save
+    data = ShardDataset([str(source)], settings["resolutions"], settings["frame_counts"], settings["frame_stride"],
+                        settings["target_fps"])
+    device = next(vae.parameters()).device
+    tmp, written, skipped = out.with_suffix(".tar.tmp"), 0, []
+    with tarfile.open(tmp, "w") as tar:
+        for i in tqdm(range(len(data)), desc=source.name, disable=not progress, mininterval=1.0):
+            key = data.keys[i]
+            try:
+                s = data[i]
+            except Exception as e:  # a sample the prober passed but the decoder now rejects
+                skipped.append({"shard": source.name, "key": key, "why": f"{type(e).__name__}: {e}"})
+                continue
+            latent = vae.encode(s.video[None].to(device), tiled=True)[0].float().cpu().contiguous()
+            text = text_encoder.encode([s.caption])[0].float().cpu().contiguous()
+            meta = {"shape": list(latent.shape[1:]), "channels": latent.shape[0], "fps": s.fps,
+                    "text_tokens": text.shape[0], "text_dim": text.shape[1], "source": f"{source.name}/{key}"}
+            _add(tar, f"{key}.safetensors", save({"latent": latent, "text": text}))
+            _add(tar, f"{key}.txt", s.caption.encode())
+            _add(tar, f"{key}.json", json.dumps(meta).encode())
+            written += 1
+    os.replace(tmp, out)
+    return {"written": written, "skipped": skipped}
+
+
+def _worker(rank: int, jobs: list[tuple[str, str]], settings: dict, text_cfg, device: str, results) -> None:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, len(jobs))))
+    if device == "cuda":
+        dev = torch.device("cuda", rank % torch.cuda.device_count())
+    else:
+        dev = torch.device("cpu")
+    vae, text_encoder = _encoders(settings, text_cfg, dev)
+    for src, dst in jobs:
+        results.put((src, cache_shard(Path(src), Path(dst), settings, vae, text_encoder, progress=rank == 0)))
+
+
+def cache(sources: list[str], out: str | Path, vae: str, cfg, workers: int = 1, device: str = "auto") -> dict:
+    """Cache every source shard not cached yet into OUT; returns the summary written to OUT/cache.json."""
+    out = Path(out)
+    shards = expand(sources)
+    names = [p.name for p in shards]
+    if len(set(names)) != len(names):
+        raise ValueError("source shards must have distinct file names (one cache shard each)")
+    settings = _settings(argparse.Namespace(vae=vae), cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    record = out / "cache.json"
+    if record.exists():
+        before = json.loads(record.read_text())["settings"]
+        if before != settings:
+            changed = sorted(k for k in settings if before.get(k) != settings[k])
+            raise FileExistsError(f"{out} holds a cache made with other settings ({', '.join(changed)}); "
+                                  "choose another OUT or remove it")
+    else:
+        record.write_text(json.dumps({"settings": settings, "shards": {}}, indent=1))
+    todo = [(str(src), str(out / f"cache-{i:06d}.tar")) for i, src in enumerate(shards)
+            if not (out / f"cache-{i:06d}.tar").exists()]
+    done = len(shards) - len(todo)
+    if done:
+        print(f"{done} of {len(shards)} shards already cached in {out}; encoding the other {len(todo)}")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    workers = max(1, min(workers, len(todo)))
+    summary = json.loads(record.read_text())
+    if todo:
+        if workers == 1:
+            vae_m, text_m = _encoders(settings, cfg.text, torch.device(device if device == "cpu" else "cuda"))
+            results = [(src, cache_shard(Path(src), Path(dst), settings, vae_m, text_m)) for src, dst in todo]
+        else:
+            ctx = torch.multiprocessing.get_context("spawn")
+            queue = ctx.Queue()
+            procs = [ctx.Process(target=_worker, args=(r, todo[r::workers], settings, cfg.text, device, queue))
+                     for r in range(workers)]
+            for p in procs:
+                p.start()
+            results = [queue.get() for _ in todo]
+            for p in procs:
+                p.join()
+            failed = [p.exitcode for p in procs if p.exitcode]
+            if failed:
+                raise RuntimeError(f"cache workers failed with exit codes {failed}; rerun to finish the rest")
+        for src, r in results:
+            summary["shards"][Path(src).name] = r
+        record.write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+class CachedDataset:
+    """Samples of `stdit data cache` shards, by index: scaled latents and unpadded caption embeddings."""
+
+    def __init__(self, patterns):
+        self.entries = []  # (shard, {extension: (offset, size)}, meta)
+        for shard in expand(patterns):
+            groups: dict[str, dict[str, tuple[int, int]]] = {}
+            with tarfile.open(shard) as tar:
+                for m in tar.getmembers():
+                    key, _, ext = m.name.partition(".")
+                    groups.setdefault(key, {})[ext] = (m.offset_data, m.size)
+            for key in sorted(groups):
+                if "safetensors" not in groups[key] or "json" not in groups[key]:
+                    raise ValueError(f"{shard}: sample {key} has no latents (safetensors) or no json; is this a "
+                                     "`stdit data cache` shard? Pixel shards need data.cached=false")
+                self.entries.append((shard, groups[key], json.loads(_read(shard, groups[key]["json"]))))
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def shape_of(self, i: int) -> tuple[int, int, int]:
+        """(T, H, W) of sample i's latents."""
+        return tuple(self.entries[i][2]["shape"])
+
+    def __getitem__(self, i: int) -> Sample:
+        from safetensors.torch import load
+        shard, parts, meta = self.entries[i]
+        tensors = load(_read(shard, parts["safetensors"]))
+        caption = _read(shard, parts["txt"]).decode()
+        return Sample(sample_id=i, video=tensors["latent"], caption=caption, fps=meta["fps"],
+                      text=tensors["text"], latent=True)
+
+
+def _read(shard: Path, where: tuple[int, int]) -> bytes:
+    with open(shard, "rb") as f:
+        f.seek(where[0])
+        return f.read(where[1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="stdit data cache", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--vae", required=True, help="autoencoder: VAE run directory, checkpoint or export")
+    ap.add_argument("--text-encoder", help="local transformers model directory (T5 v1.1 family or CLIP text); "
+                    "default: the recipe's text.*")
+    ap.add_argument("--text-kind", choices=("t5", "clip"), help="kind of --text-encoder (default: recipe's text.kind)")
+    ap.add_argument("--recipe", default="recipes/base.yaml", help="recipe whose data.* buckets and text.* apply")
+    ap.add_argument("--workers", type=int, default=1, help="encoding processes (one per GPU when there are GPUs)")
+    ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    ap.add_argument("paths", nargs="+", help="SRC_SHARDS... OUT, then optional key=value overrides of the recipe")
+    args = ap.parse_args(argv)
+    overrides = [p for p in args.paths if "=" in p]
+    paths = [p for p in args.paths if "=" not in p]
+    if len(paths) < 2:
+        ap.error("give one or more source shards (or patterns) and the output folder")
+    if args.text_encoder:
+        overrides.append(f"text.path={Path(args.text_encoder).resolve()}")
+    if args.text_kind:
+        overrides.append(f"text.kind={args.text_kind}")
+    from stdit.config import load_config
+    cfg = load_config(args.recipe, overrides)
+    summary = cache(paths[:-1], paths[-1], args.vae, cfg, args.workers, args.device)
+    shards = summary["shards"].values()
+    print(f"cached {sum(s['written'] for s in shards)} samples in {len(summary['shards'])} shards in {paths[-1]}; "
+          f"skipped {sum(len(s['skipped']) for s in shards)}", file=sys.stdout)
+    for s in shards:
+        for skip in s["skipped"]:
+            print(f"  skipped {skip['shard']}/{skip['key']}: {skip['why']}")
