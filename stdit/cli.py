@@ -14,6 +14,10 @@ commands:
   data cache --vae RUN [--text-encoder PATH] SRC_SHARDS... OUT   encode shards once: latents + caption embeddings
   ckpt info PATH                 what a checkpoint (or a run's newest one) holds; checks it is complete
   ckpt export PATH OUT           consolidated EMA + raw weights (safetensors) and config, for `generate --run OUT`
+  slurm submit RECIPE [key=value ...] --nodes N --gpus-per-node G --time T [--dry-run]
+                                 render slurm/train.sbatch for the allocation, check the layout fits, sbatch it
+  plan RECIPE [key=value ...] --gpus N [--gpu-mem GIB] [--suggest]
+                                 parameters, FLOPs and memory per GPU of the recipe's model and layout
 """
 
 
@@ -43,6 +47,12 @@ def main(argv: list[str] | None = None) -> None:
             cache.main(rest[1:])
         elif command == "ckpt":
             ckpt(rest)
+        elif command == "slurm":
+            from stdit import slurm
+            slurm.main(rest)
+        elif command == "plan":
+            from stdit import plan
+            plan.main(rest)
         else:
             print(f"stdit: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
             raise SystemExit(2)

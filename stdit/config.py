@@ -66,6 +66,9 @@ class ModelConfig:
     vae: str | None = None
     """Trained autoencoder (its run directory, a checkpoint or an export): the DiT then denoises its latents
     (model.in_channels = its latent channels), encoding clips on the fly; `stdit generate` decodes to pixels."""
+    activation_checkpointing: str = "none"
+    """What each block keeps for backward: none (every activation) | selective (recompute each attention kernel,
+    softmax(QK^T)V, in backward) | full (keep only the block's input, recompute the whole block in backward)."""
 
 
 @dataclass
@@ -343,6 +346,8 @@ def validate(cfg: Config) -> None:
            "causal time needs model.attention=factorized (full attention is one bidirectional segment per video)")
     _check(m.attention_backend in ("auto", "flash_attn", "torch_varlen", "reference"), "model.attention_backend",
            f"must be auto, flash_attn, torch_varlen or reference, got {m.attention_backend!r}")
+    _check(m.activation_checkpointing in ("none", "selective", "full"), "model.activation_checkpointing",
+           f"must be none, selective or full, got {m.activation_checkpointing!r}")
     _check(cfg.text.kind in ("t5", "clip"), "text.kind", f"must be t5 or clip, got {cfg.text.kind!r}")
     _check(0.0 <= cfg.diffusion.caption_dropout <= 1.0, "diffusion.caption_dropout", "must be in [0, 1]")
     _check(cfg.diffusion.sample_steps >= 1, "diffusion.sample_steps", "must be >= 1")

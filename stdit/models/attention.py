@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from stdit.models.layers import RMSNorm, apply_rope
 from stdit.ops import varlen_attention
@@ -14,13 +15,20 @@ class VarlenAttention(nn.Module):
     """The kernel call: gather into segment order (temporal), one varlen attention, scatter back.
 
     q: [Lq, H, D], k/v: [Lk, H, D]. The permutation happens here, where the whole sequence is present.
+    With `recompute` (selective activation checkpointing) only q, k, v are kept for backward; the gathers, the
+    kernel's own saved tensors and its output are recomputed.
     """
 
-    def __init__(self, backend: str = "auto"):
+    def __init__(self, backend: str = "auto", recompute: bool = False):
         super().__init__()
-        self.backend = backend
+        self.backend, self.recompute = backend, recompute
 
     def forward(self, q, k, v, seg: Segments) -> torch.Tensor:
+        if self.recompute and torch.is_grad_enabled():
+            return checkpoint(self._attend, q, k, v, seg, use_reentrant=False)
+        return self._attend(q, k, v, seg)
+
+    def _attend(self, q, k, v, seg: Segments) -> torch.Tensor:
         if seg.perm is not None:
             q, k, v = q[seg.perm], k[seg.perm], v[seg.perm]
         out = varlen_attention(q, k, v, seg.cu_q, seg.cu_k, seg.max_q, seg.max_k, causal=seg.causal,
@@ -34,13 +42,13 @@ class SelfAttention(nn.Module):
     qkv is laid out head-major ([H, 3, D] per token) so a column-parallel split keeps whole heads together.
     """
 
-    def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, backend: str = "auto"):
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, backend: str = "auto", recompute: bool = False):
         super().__init__()
         self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.q_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
-        self.attn = VarlenAttention(backend)
+        self.attn = VarlenAttention(backend, recompute)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], seg: Segments) -> torch.Tensor:
@@ -54,14 +62,14 @@ class SelfAttention(nn.Module):
 class CrossAttention(nn.Module):
     """Video tokens attend to their own caption's text tokens (one varlen segment pair per video)."""
 
-    def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, backend: str = "auto"):
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, backend: str = "auto", recompute: bool = False):
         super().__init__()
         self.head_dim = dim // num_heads
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
         self.q_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
-        self.attn = VarlenAttention(backend)
+        self.attn = VarlenAttention(backend, recompute)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, text: torch.Tensor, seg: Segments) -> torch.Tensor:

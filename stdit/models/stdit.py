@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from stdit.models.attention import CrossAttention, SelfAttention
 from stdit.models.layers import Mlp, ScalarEmbedder, modulate, rope_cos_sin
@@ -41,15 +42,17 @@ class STDiTBlock(nn.Module):
     """Spatial (or full) attention, temporal attention, cross-attention, MLP with adaLN-single modulation."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, factorized: bool, temporal_causal: bool,
-                 qk_norm: bool, backend: str):
+                 qk_norm: bool, backend: str, checkpointing: str = "none"):
         super().__init__()
         self.factorized, self.temporal_causal = factorized, temporal_causal
+        self.full_recompute = checkpointing == "full"
+        recompute = checkpointing == "selective"  # the attention kernels only
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.spatial_attn = SelfAttention(hidden_size, num_heads, qk_norm, backend)
+        self.spatial_attn = SelfAttention(hidden_size, num_heads, qk_norm, backend, recompute)
         if factorized:
             self.norm_t = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-            self.temporal_attn = SelfAttention(hidden_size, num_heads, qk_norm, backend)
-        self.cross_attn = CrossAttention(hidden_size, num_heads, qk_norm, backend)
+            self.temporal_attn = SelfAttention(hidden_size, num_heads, qk_norm, backend, recompute)
+        self.cross_attn = CrossAttention(hidden_size, num_heads, qk_norm, backend, recompute)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         # rows: shift/scale/gate for attention, MLP, and (factorized) temporal attention
@@ -57,6 +60,11 @@ class STDiTBlock(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.randn(self.num_mod, hidden_size) / hidden_size ** 0.5)
 
     def forward(self, x, frame_mod, text, rope, batch: PackedBatch):
+        if self.full_recompute and torch.is_grad_enabled():  # keep x only; run the block again in backward
+            return checkpoint(self._forward, x, frame_mod, text, rope, batch, use_reentrant=False)
+        return self._forward(x, frame_mod, text, rope, batch)
+
+    def _forward(self, x, frame_mod, text, rope, batch: PackedBatch):
         p = lambda i: frame_param(frame_mod, self.scale_shift_table, i, batch.token_frame)  # noqa: E731
         shift_msa, scale_msa, gate_msa = p(0), p(1), p(2)
         seg = batch.segments("spatial" if self.factorized else "full")
@@ -107,7 +115,7 @@ class STDiT(nn.Module):
         self.y_embedder = Mlp(text_dim, h, h)
         self.blocks = nn.ModuleList([
             STDiTBlock(h, cfg.num_heads, cfg.mlp_ratio, factorized, cfg.temporal_causal, cfg.qk_norm,
-                       cfg.attention_backend)
+                       cfg.attention_backend, cfg.activation_checkpointing)
             for _ in range(cfg.depth)
         ])
         self.final_layer = FinalLayer(h, patch_dim)

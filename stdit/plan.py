@@ -1,0 +1,313 @@
+"""`stdit plan RECIPE [key=value ...] --gpus N [--gpu-mem GIB] [--suggest]`: parameters, model FLOPs and memory per
+GPU of a recipe's model and layout, from formulas, before any GPU is used.
+
+Memory per GPU (bytes; Ψ = parameters this rank holds after tensor and pipeline splitting, N = dp * cp, the ranks
+ZeRO partitions over):
+- model state, Rajbhandari et al. 2020 (ZeRO), mixed-precision Adam: bf16 weights 2Ψ, bf16 gradients 2Ψ, fp32
+  master weights + Adam moments 12Ψ; ZeRO-1 divides the 12Ψ by N, ZeRO-2 also the gradients, ZeRO-3 also the
+  weights. fp32 training (CPU; one CUDA process without DeepSpeed keeps fp32 weights under autocast): weights 4Ψ,
+  gradients 4Ψ, Adam moments 8Ψ, plus a 4Ψ fp32 master copy where DeepSpeed's ZeRO optimizer makes one.
+  The trainer's EMA adds 4Ψ (its shard under ZeRO-3). Frozen encoders (text, autoencoder) are held whole, fp32.
+- activations, counted per block as Korthikanti et al. 2022 count them for GPT ("Reducing Activation
+  Recomputation in Large Transformer Models", sec. 4): the tensors autograd keeps for backward, per token, in
+  units of the hidden size h (2 bytes each in bf16, 4 in fp32); parts inside the tensor-parallel region divide by
+  tp, everything divides by cp (Ulysses). See `block_activations` for the count; `recompute` modes follow
+  model.activation_checkpointing. A pipeline stage holds pp micro-batches in flight (1F1B), of its blocks.
+- attention workspace: the largest transient of one attention call (the reference kernel gathers q, k, v into
+  segment order; flash-attn works in on-chip tiles).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from stdit.config import Config, ConfigError, load_config, patched_shape, sample_grid_factors
+from stdit.flops import forward_flops
+from stdit.models.stdit import TP_PLAN, build_model
+
+GIB = 2 ** 30
+HEADROOM = 0.9  # a layout fits when the estimate is below 90% of the GPU: CUDA context, NCCL buffers, fragmentation
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    dp: int = 1
+    zero: int = 0
+
+    def describe(self) -> str:
+        return f"tp{self.tp}.pp{self.pp}.cp{self.cp}.dp{self.dp}.zero{self.zero}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Parameters (counted on a model built on the meta device: no memory, any size)
+# ----------------------------------------------------------------------------------------------------------
+
+def text_dim_and_params(cfg: Config) -> tuple[int, int]:
+    """Width and parameter count of the frozen caption encoder the config asks for."""
+    import transformers as tf
+    from stdit.models.text import _random_model
+    with torch.device("meta"):
+        if cfg.text.path is not None:
+            config = tf.AutoConfig.from_pretrained(cfg.text.path, local_files_only=True)
+            model = (tf.T5EncoderModel if cfg.text.kind == "t5" else tf.CLIPTextModel)(config)
+        else:
+            t = cfg.text
+            model = _random_model(t.kind, t.hidden_size, t.num_layers, t.num_heads, t.ff_size, t.max_length,
+                                  tf.ByT5Tokenizer())
+    return model.config.hidden_size, sum(p.numel() for p in model.parameters())
+
+
+def vae_params(cfg: Config) -> int:
+    """Parameters of the frozen autoencoder that encodes clips on the fly (none with cached latents)."""
+    if cfg.model.vae is None or cfg.data.cached:
+        return 0
+    from stdit.config import vae_config_of
+    from stdit.models.vae import VideoVAE
+    with torch.device("meta"):
+        return sum(p.numel() for p in VideoVAE(vae_config_of(cfg.model.vae)).parameters())
+
+
+def _tp_divisor(name: str) -> str | None:
+    """'column' / 'row' when the parameter belongs to a tensor-parallel Linear of the block's plan."""
+    module, _, kind = name.rpartition(".")
+    for suffix, style in TP_PLAN.items():
+        if module.endswith(suffix):
+            return "split" if style == "column" or kind == "weight" else None  # a row Linear's bias is whole
+    return None
+
+
+def rank_params(model: torch.nn.Module, depth: int, tp: int, pp: int) -> int:
+    """Parameters of the busiest rank: its tensor shard of the first or last pipeline stage (stage 0 holds the
+    embedders, the last the final layer, blocks are dealt evenly as DeepSpeed's type:BlockPipe partition does)."""
+    per_stage = math.ceil(depth / pp)
+    first, last = 0, 0
+    for name, p in model.named_parameters():
+        n = p.numel() // tp if _tp_divisor(name) else p.numel()
+        if name.startswith("blocks."):
+            block = int(name.split(".")[1])
+            first += n if block < per_stage else 0
+            last += n if block >= depth - per_stage else 0
+        elif name.startswith("final_layer."):
+            last += n
+        else:
+            first += n
+    return first if pp == 1 else max(first, last)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Token shapes and FLOPs
+# ----------------------------------------------------------------------------------------------------------
+
+def sample_grids(cfg: Config) -> list[tuple[int, int, int]]:
+    """Token grid of every (frame count, resolution) the data config allows, weighted alike (the planner's
+    assumption about the mix)."""
+    ft, fs = sample_grid_factors(cfg)
+    return [patched_shape(cfg.model, 1 + (t - 1) // ft, h // fs, w // fs)
+            for t in cfg.data.frame_counts for h, w in cfg.data.resolutions]
+
+
+def flops(cfg: Config, text_dim: int) -> dict:
+    """Model FLOPs (forward + backward = 3x forward, recomputation not counted) per token and per step."""
+    grids, text = sample_grids(cfg), cfg.text.max_length
+    tokens = [math.prod(g) for g in grids]
+    per_token = 3 * sum(forward_flops(cfg.model, text_dim, [g], [text]) for g in grids) / sum(tokens)
+    mean_tokens = sum(tokens) / len(tokens)
+    if cfg.data.micro_batches > 0:
+        step_tokens = cfg.data.micro_batches * cfg.data.token_budget
+    else:
+        step_tokens = cfg.data.batch_size * mean_tokens
+    return {"per_token": per_token, "tokens_per_step": step_tokens, "per_step": per_token * step_tokens,
+            "mean_sample_tokens": mean_tokens}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Activations
+# ----------------------------------------------------------------------------------------------------------
+
+def kernel_saves(backend: str) -> tuple[int, int]:
+    """What one attention kernel keeps beyond its q, k, v inputs, per query token in units of h:
+    (self-attention, cross-attention). flash-attn keeps its output (and a per-head log-sum-exp, not counted);
+    the reference kernel also keeps its gathered copies of q, k, v (cross: of q only; k, v are text tokens)."""
+    return (1, 1) if backend == "flash" else (4, 2)
+
+
+def block_activations(cfg: Config, tp: int, backend: str, recompute: str) -> tuple[float, float]:
+    """(per video token, per text token) elements kept for backward by one block, counted from its code:
+
+    self-attention: LayerNorm input 1, modulate (normed x, 1 + scale) 2, qkv input 1, gate and branch output 2
+      [replicated: 6]; qkv output 3, q/k RMSNorm outputs 2, q/k after RoPE 2, proj input 1, kernel k [/ tp]
+    cross-attention: q input 1 [replicated]; q output 1, q-norm output 1, proj input 1, kernel c [/ tp];
+      per text token: kv input 1 [replicated]; kv output 2, k-norm output 1, (reference) k, v copies 2 [/ tp]
+    MLP: LayerNorm input 1, modulate 2, fc1 input 1, gate and output 2 [replicated: 6]; fc1 output r, GELU
+      output r [/ tp], r = mlp_ratio
+    `selective` drops the kernels' own saves (k, c, the text copies); `full` keeps only the block input (1).
+    """
+    m = cfg.model
+    if recompute == "full":
+        return 1.0, 0.0
+    k, c = (0, 0) if recompute == "selective" else kernel_saves(backend)
+    text_copies = 0 if recompute == "selective" or backend == "flash" else 2
+    attentions = 2 if m.attention == "factorized" else 1
+    replicated = attentions * 6 + 1 + 6
+    split = attentions * (8 + k) + (3 + c) + 2 * m.mlp_ratio
+    return replicated + split / tp, 1 + (3 + text_copies) / tp
+
+
+OUTSIDE_BLOCKS = 5  # x_embedder output 1; final layer: LayerNorm input 1, modulate 2, linear input 1
+
+
+def activation_bytes(cfg: Config, layout: Layout, device: str) -> dict:
+    """Activation memory of the busiest rank (bytes) for one micro-batch of data.token_budget tokens."""
+    m, h = cfg.model, cfg.model.hidden_size
+    backend = "flash" if device == "cuda" and m.attention_backend in ("auto", "flash_attn", "torch_varlen") \
+        else "reference"
+    elem = 2 if device == "cuda" else 4
+    tokens = cfg.data.token_budget / layout.cp
+    samples = max(1.0, cfg.data.token_budget / flops_mean_tokens(cfg))
+    text_tokens = samples * cfg.text.max_length / layout.cp
+    per_token, per_text = block_activations(cfg, layout.tp, backend, m.activation_checkpointing)
+    blocks = math.ceil(m.depth / layout.pp)
+    in_flight = layout.pp  # 1F1B: the first stage holds pp micro-batches before its first backward
+    kept = blocks * (per_token * tokens + per_text * text_tokens) * h * elem
+    if m.activation_checkpointing == "full":  # backward recomputes one block at a time, keeping all of it
+        full_tok, full_text = block_activations(cfg, layout.tp, backend, "none")
+        kept += (full_tok * tokens + full_text * text_tokens) * h * elem
+    heads = m.num_heads / layout.tp
+    small = tokens * (m.hidden_size // m.num_heads + (2 if m.attention == "factorized" else 1) * heads) * 4
+    outside = OUTSIDE_BLOCKS * tokens * h * elem + small  # + RoPE cos/sin, per-head log-sum-exp (fp32)
+    workspace = 0.0 if backend == "flash" else 3 * tokens * h / layout.tp * elem
+    return {"activations": in_flight * kept + outside, "workspace": workspace, "backend": backend}
+
+
+def flops_mean_tokens(cfg: Config) -> float:
+    tokens = [math.prod(g) for g in sample_grids(cfg)]
+    return sum(tokens) / len(tokens)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The plan
+# ----------------------------------------------------------------------------------------------------------
+
+def state_bytes(psi: int, layout: Layout, device: str, distributed: bool) -> dict:
+    """Weights, gradients, optimizer state and EMA of one rank holding psi parameters (ZeRO paper's model)."""
+    n = layout.dp * layout.cp
+    z = layout.zero
+    mixed = device == "cuda" and distributed  # DeepSpeed bf16: bf16 weights and grads, fp32 master copy
+    w, g = (2, 2) if mixed else (4, 4)
+    opt = 8 + (4 if mixed or z >= 1 else 0)  # Adam moments (+ the fp32 master copy)
+    return {"weights": w * psi / (n if z >= 3 else 1), "gradients": g * psi / (n if z >= 2 else 1),
+            "optimizer": opt * psi / (n if z >= 1 else 1), "ema": 4 * psi / (n if z >= 3 else 1)}
+
+
+class Planner:
+    """Counts for one config: parameters once, then memory for any layout."""
+
+    def __init__(self, cfg: Config, device: str = "cuda"):
+        self.cfg, self.device = cfg, device
+        self.text_dim, self.text_params = text_dim_and_params(cfg)
+        with torch.device("meta"):
+            self.model = build_model(cfg.model, self.text_dim)
+        self.params = sum(p.numel() for p in self.model.parameters())
+        self.frozen = self.text_params + vae_params(cfg)
+        self.flops = flops(cfg, self.text_dim)
+
+    def memory(self, layout: Layout) -> dict:
+        """Bytes per GPU by part, and their total."""
+        world = layout.tp * layout.pp * layout.cp * layout.dp
+        psi = rank_params(self.model, self.cfg.model.depth, layout.tp, layout.pp)
+        parts = state_bytes(psi, layout, self.device, world > 1 or layout.zero > 0)
+        parts["frozen encoders"] = 4 * self.frozen
+        act = activation_bytes(self.cfg, layout, self.device)
+        parts["activations"], parts["attention workspace"] = act["activations"], act["workspace"]
+        return {"parts": parts, "total": sum(parts.values()), "rank_params": psi, "backend": act["backend"]}
+
+    def layouts(self, world: int) -> list[Layout]:
+        """Every layout of `world` processes the trainer accepts (tp, cp within a node of 8: heads divide by tp*cp)."""
+        m, out = self.cfg.model, []
+        for tp in (1, 2, 4, 8):
+            for cp in (1, 2, 4, 8):
+                for pp in (1, 2, 4, 8, 16):
+                    grid = tp * cp * pp
+                    if (world % grid or m.num_heads % (tp * cp) or self.cfg.data.token_budget % cp
+                            or pp > m.depth or tp * cp > 8):
+                        continue
+                    for zero in (0, 1, 2, 3) if pp == 1 else (0, 1):
+                        out.append(Layout(tp, pp, cp, world // grid, zero))
+        return out
+
+
+def layout_of(cfg: Config, world: int) -> Layout:
+    from parallel.dims import ParallelDims
+    d = ParallelDims.from_config(cfg, world)  # names the keys that do not divide
+    return Layout(d.tp, d.pp, d.cp, d.dp, d.zero)
+
+
+def _fmt(n: float) -> str:
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def report(planner: Planner, layout: Layout, gpu_mem: float | None) -> str:
+    cfg, f = planner.cfg, planner.flops
+    mem = planner.memory(layout)
+    world = layout.tp * layout.pp * layout.cp * layout.dp
+    lines = [f"model: {planner.params:,} parameters ({_fmt(planner.params)}), depth {cfg.model.depth}, hidden "
+             f"{cfg.model.hidden_size}, {cfg.model.attention} attention; frozen encoders {_fmt(planner.frozen)}",
+             f"model FLOPs (forward + backward): {_fmt(f['per_token'])} per token, {_fmt(f['per_step'])} per step of "
+             f"{f['tokens_per_step']:,.0f} tokens ({_fmt(f['per_step'] / world)} per GPU)"
+             + (" (+1/3 recomputed with full checkpointing)" if cfg.model.activation_checkpointing == "full" else ""),
+             f"layout {layout.describe()} on {world} {planner.device.upper()} process(es); this rank holds "
+             f"{mem['rank_params']:,} parameters; {cfg.data.token_budget} tokens per micro-batch, activation "
+             f"checkpointing {cfg.model.activation_checkpointing}, {mem['backend']} attention kernel",
+             "memory per GPU:"]
+    for name, b in mem["parts"].items():
+        lines.append(f"  {name:<20} {b / GIB:10.3f} GiB")
+    lines.append(f"  {'total':<20} {mem['total'] / GIB:10.3f} GiB")
+    if gpu_mem:
+        ok = mem["total"] <= HEADROOM * gpu_mem * GIB
+        lines.append(f"{'fits' if ok else 'does NOT fit'} in {gpu_mem:g} GiB (limit {HEADROOM:.0%} of it)")
+    return "\n".join(lines)
+
+
+def suggestions(planner: Planner, world: int, gpu_mem: float, limit: int = 10) -> list[tuple[Layout, float]]:
+    """Layouts that fit, least model parallelism first (less communication), then the lowest ZeRO stage."""
+    fits = [(lay, planner.memory(lay)["total"]) for lay in planner.layouts(world)]
+    fits = [(lay, b) for lay, b in fits if b <= HEADROOM * gpu_mem * GIB]
+    fits.sort(key=lambda x: (x[0].tp * x[0].pp * x[0].cp, x[0].zero, x[0].pp, x[0].cp, x[1]))
+    return fits[:limit]
+
+
+def main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="stdit plan", description=__doc__.splitlines()[0])
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    p.add_argument("--gpus", type=int, required=True, help="processes (GPUs) in all")
+    p.add_argument("--gpu-mem", type=float, help="GiB of memory per GPU, to say whether it fits")
+    p.add_argument("--suggest", action="store_true", help="list layouts of --gpus that fit in --gpu-mem")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="cpu: fp32 and the reference attention kernel, as the trainer runs on CPU")
+    args = p.parse_intermixed_args(argv)
+    if args.gpus < 1:
+        raise ConfigError(f"--gpus {args.gpus}: need at least 1")
+    if args.suggest and not args.gpu_mem:
+        raise ConfigError("--suggest needs the memory per GPU: --gpu-mem GIB")
+    cfg = load_config(args.recipe, args.overrides)
+    planner = Planner(cfg, args.device)
+    print(report(planner, layout_of(cfg, args.gpus), args.gpu_mem))
+    if args.suggest:
+        found = suggestions(planner, args.gpus, args.gpu_mem)
+        print(f"\nlayouts of {args.gpus} GPUs that fit in {args.gpu_mem:g} GiB (set parallel.*):" if found else
+              f"\nno layout of {args.gpus} GPUs fits in {args.gpu_mem:g} GiB: add GPUs, lower data.token_budget or "
+              "set model.activation_checkpointing=full")
+        for lay, b in found:
+            print(f"  {lay.describe():<28} {b / GIB:8.2f} GiB   parallel.tp={lay.tp} parallel.pp={lay.pp} "
+                  f"parallel.cp={lay.cp} parallel.zero={lay.zero}")

@@ -1,0 +1,133 @@
+"""`stdit slurm submit`: render slurm/train.sbatch for a recipe and an allocation, check the layout fits, submit.
+
+`python -m stdit.slurm progress RECIPE [key=value ...]` prints "STEP STEPS RUN_DIR" (the newest complete
+checkpoint's step, or 0): the batch script decides from it whether the run is finished or should be requeued.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from stdit.config import ConfigError, load_config
+
+TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "train.sbatch"
+
+
+def progress(recipe: str, overrides: list[str]) -> tuple[int, int, Path]:
+    """(step of the newest complete checkpoint or 0, run.steps, run.dir) of a recipe + overrides."""
+    from parallel import checkpoint
+    cfg = load_config(recipe, overrides)
+    run_dir = Path(cfg.run.dir).resolve()
+    latest = checkpoint.latest(run_dir)
+    step = checkpoint.read_meta(latest)["step"] if latest is not None else 0
+    return step, cfg.run.steps, run_dir
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="stdit slurm submit", description=__doc__.splitlines()[0])
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, required=True, help="0 for CPU nodes (then give --procs-per-node)")
+    p.add_argument("--procs-per-node", type=int, help="training processes per node (default: --gpus-per-node)")
+    p.add_argument("--launcher", choices=("torchrun", "srun"), default="torchrun",
+                   help="torchrun: one per node with c10d rendezvous; srun: one task per process")
+    p.add_argument("--time", required=True, help="time limit, SLURM syntax (e.g. 24:00:00, 2-00:00:00)")
+    p.add_argument("--cpus-per-proc", type=int, default=1, help="CPU cores per training process")
+    p.add_argument("--partition")
+    p.add_argument("--account")
+    p.add_argument("--job-name", default="stdit")
+    p.add_argument("--signal-seconds", type=int, default=300,
+                   help="USR1 this long before the time limit: one step + one checkpoint must fit (SLURM may send "
+                        "it up to 60 s early)")
+    p.add_argument("--no-requeue", action="store_true", help="stop after the signal's checkpoint, do not requeue")
+    p.add_argument("--dry-run", action="store_true", help="print the script and the sbatch command, submit nothing")
+    return p.parse_intermixed_args(argv)  # overrides may come after options
+
+
+def check_layout(args: argparse.Namespace, cfg) -> int:
+    """Processes per node after checking the allocation can hold the recipe's parallel layout."""
+    from parallel.dims import ParallelDims
+    if args.nodes < 1 or args.gpus_per_node < 0:
+        raise ConfigError(f"--nodes {args.nodes} --gpus-per-node {args.gpus_per_node}: need >= 1 node, >= 0 GPUs")
+    procs = args.procs_per_node if args.procs_per_node is not None else args.gpus_per_node
+    if procs < 1:
+        raise ConfigError("--gpus-per-node 0 (CPU nodes): give the training processes per node, --procs-per-node N")
+    if args.gpus_per_node and procs != args.gpus_per_node:
+        raise ConfigError(f"--procs-per-node {procs} must equal --gpus-per-node {args.gpus_per_node}: one "
+                          "process per GPU")
+    world = args.nodes * procs
+    dims = ParallelDims.from_config(cfg, world)  # names the parallel.* keys that do not divide
+    if dims.tp > procs:
+        print(f"warning: parallel.tp={dims.tp} spans nodes ({procs} processes per node); tensor parallelism "
+              "communicates in every layer, keep it within a node", file=sys.stderr)
+    print(f"layout {dims.describe()} on {args.nodes} node(s) x {procs} = {world} processes", file=sys.stderr)
+    return procs
+
+
+def render(args: argparse.Namespace, procs: int, run_dir: Path) -> str:
+    """slurm/train.sbatch with this allocation's #SBATCH lines, the interpreter and the recipe + overrides."""
+    if not TEMPLATE.is_file():
+        raise FileNotFoundError(f"{TEMPLATE} is missing: `stdit slurm submit` needs a source checkout "
+                                "(pip install -e .)")
+    tasks = procs if args.launcher == "srun" else 1
+    cpus = args.cpus_per_proc * (1 if args.launcher == "srun" else procs)
+    sbatch = [f"--job-name={args.job_name}", f"--nodes={args.nodes}", f"--ntasks-per-node={tasks}",
+              f"--cpus-per-task={cpus}", f"--time={args.time}", f"--signal=B:USR1@{args.signal_seconds}",
+              "--requeue" if not args.no_requeue else "--no-requeue", "--open-mode=append",
+              f"--chdir={Path.cwd()}", f"--output={run_dir / 'slurm' / '%j.log'}"]
+    if args.gpus_per_node:
+        sbatch.append(f"--gpus-per-node={args.gpus_per_node}")
+    sbatch += [f"--partition={args.partition}"] * bool(args.partition) + [f"--account={args.account}"] * bool(args.account)
+    lines = TEMPLATE.read_text().splitlines()
+    body = [line for line in lines[1:] if not line.startswith("#SBATCH")]
+    # the job runs this interpreter and this checkout's code, whatever the compute nodes' PATH says
+    env = {"STDIT_PYTHON": sys.executable, "PYTHONPATH": f"{TEMPLATE.parents[1]}${{PYTHONPATH:+:$PYTHONPATH}}", "STDIT_LAUNCHER": args.launcher, "STDIT_PROCS_PER_NODE": procs,
+           "STDIT_REQUEUE": f"${{STDIT_REQUEUE:-{int(not args.no_requeue)}}}"}  # slurm/chain.sh sets 0
+    return "\n".join([lines[0]] + [f"#SBATCH {s}" for s in sbatch]
+                     + [f'export {k}="{v}"' for k, v in env.items()]
+                     + [f"set -- {shlex.join([args.recipe, *args.overrides])}"] + body) + "\n"
+
+
+def submit(argv: list[str]) -> None:
+    args = parse(argv)
+    cfg = load_config(args.recipe, args.overrides)
+    procs = check_layout(args, cfg)
+    run_dir = Path(cfg.run.dir).resolve()
+    script = render(args, procs, run_dir)
+    if args.dry_run:
+        print(script, end="")
+        print(f"# dry run: would write {run_dir / 'slurm' / 'submit.sbatch'} and run: sbatch --parsable "
+              f"{run_dir / 'slurm' / 'submit.sbatch'}", file=sys.stderr)
+        return
+    (run_dir / "slurm").mkdir(parents=True, exist_ok=True)  # SLURM opens the --output file there
+    path = run_dir / "slurm" / "submit.sbatch"
+    path.write_text(script)
+    out = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"stdit slurm submit: sbatch failed: {out.stderr.strip()}")
+    job = out.stdout.strip().split(";")[0]
+    print(f"submitted job {job}; log {run_dir / 'slurm' / f'{job}.log'}")
+
+
+def main(argv: list[str]) -> None:
+    if argv[:1] == ["submit"]:
+        submit(argv[1:])
+    elif argv[:1] == ["progress"] and len(argv) >= 2:
+        step, steps, run_dir = progress(argv[1], argv[2:])
+        print(step, steps, run_dir)
+    else:
+        print("usage: stdit slurm submit RECIPE [key=value ...] --nodes N --gpus-per-node G --time T [--dry-run] "
+              "(--help for all options)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except ConfigError as e:
+        print(f"stdit slurm: error: {e}", file=sys.stderr)
+        raise SystemExit(2)

@@ -1,0 +1,154 @@
+"""SLURM recipes on a real scheduler: a one-node cluster started on this machine (tests/slurm_cluster.py) runs the
+project's own slurm/train.sbatch, rendered and submitted by `stdit slurm submit`.
+
+- a 2-task job (one srun task per process) trains the tiny recipe to completion;
+- a job (torchrun launcher) gets USR1 mid-run as SLURM sends it before a time limit (`scancel --signal=USR1
+  --batch`), checkpoints, requeues itself, resumes from `latest` and finishes with the same losses, step by step,
+  as the uninterrupted job;
+- a chain of two jobs (slurm/chain.sh): the first is signalled and stops, the second resumes and finishes.
+Skipped, with the reason, where SLURM cannot be installed or started (not root, no packages)."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from slurm_cluster import Cluster, unavailable
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["model.hidden_size=32", "model.depth=2", "model.num_heads=4", "data.resolutions=[[8,8],[8,16],[16,8]]",
+        "data.frame_counts=[1,2,4]", "data.batch_size=6", "data.token_budget=128", "data.num_samples=64",
+        "text.hidden_size=16", "text.num_layers=1", "text.ff_size=32", "run.samples_at_end=0", "run.log_every=1",
+        "optim.warmup_steps=2", "checkpoint.every=0", "parallel.zero=1"]
+STEPS = 60  # ~10 steps/s: long enough that a signal sent after step 3 lands mid-run
+CPU_JOB = ["--gpus-per-node", "0", "--procs-per-node", "2", "--time", "10:00"]
+
+
+def stdit(*args: str, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "stdit.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          env=env, timeout=120)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rendering and the layout check (no cluster needed)
+# ----------------------------------------------------------------------------------------------------------
+
+def test_submit_renders_the_script_for_the_allocation():
+    out = stdit("slurm", "submit", "recipes/tiny.yaml", "parallel.tp=2", "run.dir=runs/x", "--nodes", "2",
+                "--gpus-per-node", "4", "--time", "4:00:00", "--partition", "gpu", "--account", "vid", "--dry-run")
+    assert out.returncode == 0, out.stderr
+    script = out.stdout
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=4",
+                 "#SBATCH --cpus-per-task=4", "#SBATCH --time=4:00:00", "#SBATCH --signal=B:USR1@300",
+                 "#SBATCH --requeue", "#SBATCH --partition=gpu", "#SBATCH --account=vid",
+                 f"#SBATCH --output={ROOT / 'runs/x/slurm/%j.log'}", 'export STDIT_LAUNCHER="torchrun"',
+                 'export STDIT_PROCS_PER_NODE="4"', "set -- recipes/tiny.yaml parallel.tp=2 run.dir=runs/x"):
+        assert line in script.splitlines(), line
+    assert script.count("#SBATCH --nodes") == 1  # the template's defaults are replaced, not repeated
+    assert "layout tp2.pp1.cp1.dp4.zero0 on 2 node(s) x 4 = 8 processes" in out.stderr
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+    assert subprocess.run(["bash", "-n", str(ROOT / "slurm/chain.sh")]).returncode == 0
+    assert not (ROOT / "runs/x").exists()  # a dry run writes nothing
+
+
+@pytest.mark.parametrize("args, message", [
+    (["parallel.tp=3", "--gpus-per-node", "2", "--nodes", "2"], "parallel.tp * parallel.pp * parallel.cp = 3*1*1"),
+    (["parallel.tp=8", "--gpus-per-node", "8"], "model.num_heads=4 is not divisible by parallel.tp"),
+    (["--gpus-per-node", "0"], "--procs-per-node"),
+    (["--gpus-per-node", "4", "--procs-per-node", "2"], "one process per GPU"),
+    (["parallel.tpp=2", "--gpus-per-node", "1"], "unknown config key `parallel.tpp`"),
+])
+def test_submit_refuses_a_layout_that_does_not_fit(args, message):
+    out = stdit("slurm", "submit", "recipes/tiny.yaml", "--time", "1:00:00", "--dry-run", *args)
+    assert out.returncode == 2 and message in out.stderr, out.stderr
+    assert "#SBATCH" not in out.stdout
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A real cluster
+# ----------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cluster():
+    reason = unavailable()
+    if reason:
+        pytest.skip(reason)
+    c = Cluster.start()
+    yield c
+    c.stop()
+
+
+def submit(cluster: Cluster, run_dir: Path, *options: str) -> str:
+    env = {**cluster.env, "OMP_NUM_THREADS": "1"}
+    out = stdit("slurm", "submit", "recipes/tiny.yaml", *FAST, f"run.dir={run_dir}", f"run.steps={STEPS}",
+                *CPU_JOB, *options, env=env)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split()[2].rstrip(";")  # "submitted job N; log ..."
+
+
+def signal_after(cluster: Cluster, job: str, run_dir: Path, steps: int = 3, timeout: float = 180.0) -> None:
+    """USR1 to the batch shell, as SLURM's --signal=B:USR1@... does before a time limit, once training runs."""
+    deadline = time.monotonic() + timeout
+    metrics = run_dir / "metrics.jsonl"
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= steps):
+        assert time.monotonic() < deadline, f"job {job} logged no {steps} steps in {timeout:.0f} s"
+        time.sleep(0.2)
+    cluster.run("scancel", "--signal=USR1", "--batch", job)
+
+
+@pytest.fixture(scope="module")
+def straight(cluster, tmp_path_factory):
+    """The tiny recipe as a 2-task job (srun starts both processes), uninterrupted."""
+    run_dir = tmp_path_factory.mktemp("straight")
+    job = submit(cluster, run_dir, "--launcher", "srun")
+    return job, cluster.wait_job(job), run_dir
+
+
+def test_two_task_job_trains_to_completion(straight):
+    job, info, run_dir = straight
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "0", info
+    assert sorted(losses(run_dir)) == list(range(1, STEPS + 1))
+    log = (run_dir / "slurm" / f"{job}.log").read_text()
+    assert f"=== finished: step {STEPS} of {STEPS} (exit 0)" in log
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{STEPS:08d}"
+    layout = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["layout"]
+    assert layout == "tp1.pp1.cp1.dp2.zero1"  # two processes
+
+
+def test_signalled_job_checkpoints_requeues_and_resumes(cluster, straight, tmp_path):
+    job = submit(cluster, tmp_path, "--launcher", "torchrun")
+    signal_after(cluster, job, tmp_path)
+    info = cluster.wait_job(job)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", info
+    log = (tmp_path / "slurm" / f"{job}.log").read_text()
+    stopped = int(log.split("=== requeued at step ")[1].split()[0])
+    assert 3 <= stopped < STEPS
+    assert f"resumed from {tmp_path / 'checkpoints' / f'step_{stopped:08d}'}" in log and "(same layout)" in log
+    assert f"=== finished: step {STEPS} of {STEPS} (exit 0)" in log
+    # same layout: the resumed run is bit-exact, so every step's loss is the uninterrupted job's
+    assert losses(tmp_path) == losses(straight[2])
+
+
+def test_dependency_chain_continues_where_the_previous_job_stopped(cluster, straight, tmp_path):
+    env = {**cluster.env, "OMP_NUM_THREADS": "1"}
+    script = tmp_path / "job.sbatch"
+    out = stdit("slurm", "submit", "recipes/tiny.yaml", *FAST, f"run.dir={tmp_path}", f"run.steps={STEPS}",
+                *CPU_JOB, "--launcher", "srun", "--dry-run", env=env)
+    script.write_text(out.stdout)
+    chain = subprocess.run([str(ROOT / "slurm/chain.sh"), "2", str(script)], capture_output=True, text=True,
+                           env=env, cwd=ROOT, check=True).stdout
+    first, second = [line.split()[-1] for line in chain.splitlines()]
+    signal_after(cluster, first, tmp_path)
+    assert cluster.wait_job(first)["JobState"] == "COMPLETED"
+    info = cluster.wait_job(second)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "0", info
+    first_log = (tmp_path / "slurm" / f"{first}.log").read_text()
+    assert "the next job of the chain continues" in first_log and "requeued" not in first_log
+    assert f"=== finished: step {STEPS} of {STEPS}" in (tmp_path / "slurm" / f"{second}.log").read_text()
+    assert losses(tmp_path) == losses(straight[2])
