@@ -40,6 +40,10 @@ class ParallelDims:
         if cfg.data.token_budget % p.cp:
             raise ConfigError(f"data.token_budget={cfg.data.token_budget} is not divisible by parallel.cp={p.cp}; "
                               "each context-parallel rank holds an equal slice of the packed sequence")
+        if cfg.data.micro_batches % dims.dp:
+            raise ConfigError(f"data.micro_batches={cfg.data.micro_batches} packed micro-batches per step do not "
+                              f"divide over {dims.dp} data-parallel ranks; use a multiple of {dims.dp} so each "
+                              "rank gets the same number of tokens")
         if p.pp > m.depth:
             raise ConfigError(f"parallel.pp={p.pp} stages cannot split model.depth={m.depth} blocks; "
                               f"use parallel.pp <= {m.depth}")

@@ -153,3 +153,11 @@ def test_stop_and_resume_on_another_dp_size_sees_the_same_samples(tmp_path):
     assert [m["sample_ids"] for m in resumed] == [m["sample_ids"] for m in straight]
     assert max(m["padding_fraction"] for m in straight) < 0.1 and min(m["samples"] for m in straight) >= 4
     assert [m["loss"] for m in resumed] == pytest.approx([m["loss"] for m in straight], rel=1e-4)
+
+
+def test_micro_batches_must_divide_over_data_parallel_ranks():
+    from parallel.dims import ParallelDims
+    cfg = load_config("recipes/tiny.yaml", ["data.micro_batches=3"])
+    with pytest.raises(ConfigError, match="use a multiple of 2"):
+        ParallelDims.from_config(cfg, 2)
+    assert ParallelDims.from_config(cfg, 3).dp == 3
