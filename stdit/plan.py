@@ -19,6 +19,7 @@ ZeRO partitions over):
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from dataclasses import dataclass
@@ -74,13 +75,12 @@ def vae_params(cfg: Config) -> int:
         return sum(p.numel() for p in VideoVAE(vae_config_of(cfg.model.vae)).parameters())
 
 
-def _tp_divisor(name: str) -> str | None:
-    """'column' / 'row' when the parameter belongs to a tensor-parallel Linear of the block's plan."""
+def _tp_split(name: str) -> bool:
+    """Whether tensor parallelism splits this parameter: a Linear of the block's plan (a row Linear's bias is
+    whole on every rank)."""
     module, _, kind = name.rpartition(".")
-    for suffix, style in TP_PLAN.items():
-        if module.endswith(suffix):
-            return "split" if style == "column" or kind == "weight" else None  # a row Linear's bias is whole
-    return None
+    return any(module.endswith(suffix) and (style == "column" or kind == "weight")
+               for suffix, style in TP_PLAN.items())
 
 
 def rank_params(model: torch.nn.Module, depth: int, tp: int, pp: int) -> int:
@@ -89,8 +89,10 @@ def rank_params(model: torch.nn.Module, depth: int, tp: int, pp: int) -> int:
     per_stage = math.ceil(depth / pp)
     first, last = 0, 0
     for name, p in model.named_parameters():
-        n = p.numel() // tp if _tp_divisor(name) else p.numel()
-        if name.startswith("blocks."):
+        n = p.numel() // tp if _tp_split(name) else p.numel()
+        if pp == 1:
+            first += n
+        elif name.startswith("blocks."):
             block = int(name.split(".")[1])
             first += n if block < per_stage else 0
             last += n if block >= depth - per_stage else 0
@@ -98,7 +100,7 @@ def rank_params(model: torch.nn.Module, depth: int, tp: int, pp: int) -> int:
             last += n
         else:
             first += n
-    return first if pp == 1 else max(first, last)
+    return max(first, last)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -176,14 +178,16 @@ def activation_bytes(cfg: Config, layout: Layout, device: str) -> dict:
     blocks = math.ceil(m.depth / layout.pp)
     in_flight = layout.pp  # 1F1B: the first stage holds pp micro-batches before its first backward
     kept = blocks * (per_token * tokens + per_text * text_tokens) * h * elem
+    recompute = 0.0
     if m.activation_checkpointing == "full":  # backward recomputes one block at a time, keeping all of it
         full_tok, full_text = block_activations(cfg, layout.tp, backend, "none")
-        kept += (full_tok * tokens + full_text * text_tokens) * h * elem
+        recompute = (full_tok * tokens + full_text * text_tokens) * h * elem
     heads = m.num_heads / layout.tp
     small = tokens * (m.hidden_size // m.num_heads + (2 if m.attention == "factorized" else 1) * heads) * 4
     outside = OUTSIDE_BLOCKS * tokens * h * elem + small  # + RoPE cos/sin, per-head log-sum-exp (fp32)
     workspace = 0.0 if backend == "flash" else 3 * tokens * h / layout.tp * elem
-    return {"activations": in_flight * kept + outside, "workspace": workspace, "backend": backend}
+    return {"activations": in_flight * kept + outside, "recompute": recompute, "workspace": workspace,
+            "backend": backend}
 
 
 def flops_mean_tokens(cfg: Config) -> float:
@@ -226,6 +230,8 @@ class Planner:
         parts["frozen encoders"] = 4 * self.frozen
         act = activation_bytes(self.cfg, layout, self.device)
         parts["activations"], parts["attention workspace"] = act["activations"], act["workspace"]
+        if act["recompute"]:
+            parts["recomputed block"] = act["recompute"]
         return {"parts": parts, "total": sum(parts.values()), "rank_params": psi, "backend": act["backend"]}
 
     def layouts(self, world: int) -> list[Layout]:
@@ -295,6 +301,7 @@ def main(argv: list[str]) -> None:
     p.add_argument("--suggest", action="store_true", help="list layouts of --gpus that fit in --gpu-mem")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                    help="cpu: fp32 and the reference attention kernel, as the trainer runs on CPU")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON (bytes, FLOPs)")
     args = p.parse_intermixed_args(argv)
     if args.gpus < 1:
         raise ConfigError(f"--gpus {args.gpus}: need at least 1")
@@ -302,9 +309,17 @@ def main(argv: list[str]) -> None:
         raise ConfigError("--suggest needs the memory per GPU: --gpu-mem GIB")
     cfg = load_config(args.recipe, args.overrides)
     planner = Planner(cfg, args.device)
-    print(report(planner, layout_of(cfg, args.gpus), args.gpu_mem))
+    layout = layout_of(cfg, args.gpus)
+    found = suggestions(planner, args.gpus, args.gpu_mem) if args.suggest else []
+    if args.json:
+        mem = planner.memory(layout)
+        print(json.dumps({"params": planner.params, "frozen_params": planner.frozen, "flops": planner.flops,
+                          "layout": layout.describe(), "rank_params": mem["rank_params"], "memory": mem["parts"],
+                          "total": mem["total"], "backend": mem["backend"],
+                          "suggestions": [{"layout": lay.describe(), "total": b} for lay, b in found]}, indent=1))
+        return
+    print(report(planner, layout, args.gpu_mem))
     if args.suggest:
-        found = suggestions(planner, args.gpus, args.gpu_mem)
         print(f"\nlayouts of {args.gpus} GPUs that fit in {args.gpu_mem:g} GiB (set parallel.*):" if found else
               f"\nno layout of {args.gpus} GPUs fits in {args.gpu_mem:g} GiB: add GPUs, lower data.token_budget or "
               "set model.activation_checkpointing=full")

