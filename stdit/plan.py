@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +52,7 @@ class Layout:
 def text_dim_and_params(cfg: Config) -> tuple[int, int]:
     """Width and parameter count of the frozen caption encoder the config asks for."""
     import transformers as tf
+
     from stdit.models.text import _random_model
     with torch.device("meta"):
         if cfg.text.path is not None:
@@ -266,15 +266,17 @@ def report(planner: Planner, layout: Layout, gpu_mem: float | None) -> str:
     cfg, f = planner.cfg, planner.flops
     mem = planner.memory(layout)
     world = layout.tp * layout.pp * layout.cp * layout.dp
-    lines = [f"model: {planner.params:,} parameters ({_fmt(planner.params)}), depth {cfg.model.depth}, hidden "
-             f"{cfg.model.hidden_size}, {cfg.model.attention} attention; frozen encoders {_fmt(planner.frozen)}",
-             f"model FLOPs (forward + backward): {_fmt(f['per_token'])} per token, {_fmt(f['per_step'])} per step of "
-             f"{f['tokens_per_step']:,.0f} tokens ({_fmt(f['per_step'] / world)} per GPU)"
-             + (" (+1/3 recomputed with full checkpointing)" if cfg.model.activation_checkpointing == "full" else ""),
-             f"layout {layout.describe()} on {world} {planner.device.upper()} process(es); this rank holds "
+    m, recompute = cfg.model, cfg.model.activation_checkpointing
+    model = (f"model: {planner.params:,} parameters ({_fmt(planner.params)}), depth {m.depth}, hidden "
+             f"{m.hidden_size}, {m.attention} attention; frozen encoders {_fmt(planner.frozen)}")
+    flop = (f"model FLOPs (forward + backward): {_fmt(f['per_token'])} per token, {_fmt(f['per_step'])} per step of "
+            f"{f['tokens_per_step']:,.0f} tokens ({_fmt(f['per_step'] / world)} per GPU)")
+    if recompute == "full":
+        flop += " (+1/3 recomputed with full checkpointing)"
+    where = (f"layout {layout.describe()} on {world} {planner.device.upper()} process(es); the busiest rank holds "
              f"{mem['rank_params']:,} parameters; {cfg.data.token_budget} tokens per micro-batch, activation "
-             f"checkpointing {cfg.model.activation_checkpointing}, {mem['backend']} attention kernel",
-             "memory per GPU:"]
+             f"checkpointing {recompute}, {mem['backend']} attention kernel")
+    lines = [model, flop, where, "memory per GPU:"]
     for name, b in mem["parts"].items():
         lines.append(f"  {name:<20} {b / GIB:10.3f} GiB")
     lines.append(f"  {'total':<20} {mem['total'] / GIB:10.3f} GiB")
@@ -321,8 +323,8 @@ def main(argv: list[str]) -> None:
     print(report(planner, layout, args.gpu_mem))
     if args.suggest:
         print(f"\nlayouts of {args.gpus} GPUs that fit in {args.gpu_mem:g} GiB (set parallel.*):" if found else
-              f"\nno layout of {args.gpus} GPUs fits in {args.gpu_mem:g} GiB: add GPUs, lower data.token_budget or "
-              "set model.activation_checkpointing=full")
+              (f"\nno layout of {args.gpus} GPUs fits in {args.gpu_mem:g} GiB: add GPUs, lower data.token_budget "
+               "or set model.activation_checkpointing=full"))
         for lay, b in found:
             print(f"  {lay.describe():<28} {b / GIB:8.2f} GiB   parallel.tp={lay.tp} parallel.pp={lay.pp} "
                   f"parallel.cp={lay.cp} parallel.zero={lay.zero}")

@@ -81,11 +81,13 @@ def render(args: argparse.Namespace, procs: int, run_dir: Path) -> str:
               f"--chdir={Path.cwd()}", f"--output={run_dir / 'slurm' / '%j.log'}"]
     if args.gpus_per_node:
         sbatch.append(f"--gpus-per-node={args.gpus_per_node}")
-    sbatch += [f"--partition={args.partition}"] * bool(args.partition) + [f"--account={args.account}"] * bool(args.account)
+    sbatch += [f"--partition={args.partition}"] * bool(args.partition)
+    sbatch += [f"--account={args.account}"] * bool(args.account)
     lines = TEMPLATE.read_text().splitlines()
     body = [line for line in lines[1:] if not line.startswith("#SBATCH")]
     # the job runs this interpreter and this checkout's code, whatever the compute nodes' PATH says
-    env = {"STDIT_PYTHON": sys.executable, "PYTHONPATH": f"{TEMPLATE.parents[1]}${{PYTHONPATH:+:$PYTHONPATH}}", "STDIT_LAUNCHER": args.launcher, "STDIT_PROCS_PER_NODE": procs,
+    env = {"STDIT_PYTHON": sys.executable, "PYTHONPATH": f"{TEMPLATE.parents[1]}${{PYTHONPATH:+:$PYTHONPATH}}",
+           "STDIT_LAUNCHER": args.launcher, "STDIT_PROCS_PER_NODE": procs,
            "STDIT_REQUEUE": f"${{STDIT_REQUEUE:-{int(not args.no_requeue)}}}"}  # slurm/chain.sh sets 0
     return "\n".join([lines[0]] + [f"#SBATCH {s}" for s in sbatch]
                      + [f'export {k}="{v}"' for k, v in env.items()]

@@ -60,7 +60,7 @@ class Cluster:
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
 
     @classmethod
-    def start(cls) -> "Cluster":
+    def start(cls) -> Cluster:
         cluster = cls(Path(tempfile.mkdtemp(prefix="stdit-slurm-")))
         try:
             cluster._start()

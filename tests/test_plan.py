@@ -10,14 +10,12 @@ What is compared on the tiny recipe (one CPU process, fp32):
   and backward's transient gradient buffers are not part of the activation formula."""
 import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from test_recompute import saved_bytes
 
+from stdit.cli import main
 from stdit.config import load_config
 from stdit.data.loader import build_dataset
 from stdit.flops import forward_flops
@@ -26,15 +24,25 @@ from stdit.models.text import TextEncoder
 from stdit.packing import pack
 from stdit.plan import HEADROOM, Layout, Planner
 
-ROOT = Path(__file__).resolve().parents[1]
 GIB = 2 ** 30
 
 
-def plan_json(*args: str) -> dict:
-    out = subprocess.run([sys.executable, "-m", "stdit.cli", "plan", *args, "--json"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
+def stdit_plan(capsys, *args: str) -> tuple[int, str, str]:
+    """`stdit plan ARGS` in this process: (exit status, stdout, stderr)."""
+    capsys.readouterr()
+    try:
+        main(["plan", *args])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def plan_json(capsys, *args: str) -> dict:
+    code, out, err = stdit_plan(capsys, *args, "--json")
+    assert code == 0, err
+    return json.loads(out)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -46,8 +54,10 @@ def test_tiny_state_matches_the_trainer(tmp_path):
     cfg = load_config("recipes/tiny.yaml", [f"run.dir={tmp_path}", "run.samples_at_end=0"])
     trainer = Trainer(cfg)
     trainer.train_step()
-    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
     params = list(trainer.model.parameters())
+
+    def nbytes(tensors) -> int:
+        return sum(t.numel() * t.element_size() for t in tensors)
     measured = {"weights": nbytes(params), "gradients": nbytes(p.grad for p in params if p.grad is not None),
                 "optimizer": nbytes(v for s in trainer.optimizer.state.values() for v in s.values()
                                     if torch.is_tensor(v) and v.dim() > 0),
@@ -140,11 +150,11 @@ def expected_memory(cfg, lay: Layout, outside_params: int) -> float:
 
 
 @pytest.mark.parametrize("recipe, gpus", [("XL", 64), ("7B", 64), ("30B", 128)])
-def test_scale_recipes_plan_by_the_formulas(recipe, gpus):
+def test_scale_recipes_plan_by_the_formulas(recipe, gpus, capsys):
     path = f"recipes/scale/{recipe}.yaml"
     cfg = load_config(path)
     m = cfg.model
-    got = plan_json(path, "--gpus", str(gpus), "--gpu-mem", "80", "--suggest")
+    got = plan_json(capsys, path, "--gpus", str(gpus), "--gpu-mem", "80", "--suggest")
     text_dim = cfg.text.hidden_size
     block, outside = stdit_params(m.hidden_size, m.depth, m.num_heads, m.mlp_ratio, 16, text_dim)
     assert got["params"] == m.depth * block + outside
@@ -163,23 +173,21 @@ def test_scale_recipes_plan_by_the_formulas(recipe, gpus):
     assert got["total"] <= HEADROOM * 80 * GIB, f"{recipe}: its own layout should fit an 80 GiB GPU"
     assert got["suggestions"], f"{recipe}: no layout suggested"
     for s in got["suggestions"]:
-        tp, pp, cp, dp, zero = (int(x[2:] if x[:2] in ("tp", "pp", "cp", "dp") else x[4:]) for x in s["layout"].split("."))
+        tp, pp, cp, dp, zero = (int(x.lstrip("tpcdzero")) for x in s["layout"].split("."))
         lay = Layout(tp, pp, cp, dp, zero)
         assert tp * pp * cp * dp == gpus and m.num_heads % (tp * cp) == 0
         assert s["total"] == pytest.approx(expected_memory(cfg, lay, outside) + frozen, rel=1e-6), s["layout"]
         assert s["total"] <= HEADROOM * 80 * GIB
 
 
-def test_plan_prints_a_readable_report_and_refuses_bad_input():
-    out = subprocess.run([sys.executable, "-m", "stdit.cli", "plan", "recipes/scale/XL.yaml", "--gpus", "16",
-                          "--gpu-mem", "80", "--suggest"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
+def test_plan_prints_a_readable_report_and_refuses_bad_input(capsys):
+    code, out, err = stdit_plan(capsys, "recipes/scale/XL.yaml", "--gpus", "16", "--gpu-mem", "80", "--suggest")
+    assert code == 0, err
     for words in ("parameters", "model FLOPs", "memory per GPU:", "optimizer", "activations", "fits in 80 GiB",
                   "layouts of 16 GPUs that fit in 80 GiB", "parallel.tp=1 parallel.pp=1 parallel.cp=1 parallel.zero=1"):
-        assert words in out.stdout, words
+        assert words in out, words
     for args, message in ((["--gpus", "6"], "does not divide the world size 6"),
                           (["--gpus", "8", "--suggest"], "--gpu-mem"),
                           (["--gpus", "8", "model.activation_checkpointing=some"], "model.activation_checkpointing")):
-        bad = subprocess.run([sys.executable, "-m", "stdit.cli", "plan", "recipes/scale/7B.yaml", *args], cwd=ROOT,
-                             capture_output=True, text=True, timeout=300)
-        assert bad.returncode == 2 and message in bad.stderr, bad.stderr
+        code, out, err = stdit_plan(capsys, "recipes/scale/7B.yaml", *args)
+        assert code == 2 and message in err, err

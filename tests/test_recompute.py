@@ -45,7 +45,7 @@ def test_recompute_gives_the_same_loss_and_gradients(attention, causal):
         cfg = tiny_model_cfg(attention=attention, temporal_causal=causal, activation_checkpointing=mode)
         torch.manual_seed(0)
         model = randomize(build_model(cfg, 16)).double()
-        kept, pred = saved_bytes(lambda: model(batch.tokens, t.double(), batch))
+        kept, pred = saved_bytes(lambda m=model: m(batch.tokens, t.double(), batch))
         loss = (pred[batch.loss_mask] ** 2).mean()
         loss.backward()
         results[mode] = kept, loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}

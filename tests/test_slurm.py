@@ -8,7 +8,6 @@ project's own slurm/train.sbatch, rendered and submitted by `stdit slurm submit`
 - a chain of two jobs (slurm/chain.sh): the first is signalled and stops, the second resumes and finishes.
 Skipped, with the reason, where SLURM cannot be installed or started (not root, no packages)."""
 import json
-import os
 import subprocess
 import sys
 import time
