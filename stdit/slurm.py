@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -109,6 +110,9 @@ def submit(argv: list[str]) -> None:
               f"sbatch --parsable {path}", file=sys.stderr)
         return
     path.write_text(script)
+    if shutil.which("sbatch") is None:
+        raise SystemExit(f"stdit slurm submit: no `sbatch` here: run it on a SLURM login node (the script is "
+                         f"{path}; --dry-run prints it)")
     out = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(f"stdit slurm submit: sbatch failed: {out.stderr.strip()}")
