@@ -115,12 +115,17 @@ def sample_grids(cfg: Config) -> list[tuple[int, int, int]]:
             for t in cfg.data.frame_counts for h, w in cfg.data.resolutions]
 
 
+def mean_sample_tokens(cfg: Config) -> float:
+    tokens = [math.prod(g) for g in sample_grids(cfg)]
+    return sum(tokens) / len(tokens)
+
+
 def flops(cfg: Config, text_dim: int) -> dict:
     """Model FLOPs (forward + backward = 3x forward, recomputation not counted) per token and per step."""
     grids, text = sample_grids(cfg), cfg.text.max_length
     tokens = [math.prod(g) for g in grids]
     per_token = 3 * sum(forward_flops(cfg.model, text_dim, [g], [text]) for g in grids) / sum(tokens)
-    mean_tokens = sum(tokens) / len(tokens)
+    mean_tokens = mean_sample_tokens(cfg)
     if cfg.data.micro_batches > 0:
         step_tokens = cfg.data.micro_batches * cfg.data.token_budget
     else:
@@ -172,11 +177,11 @@ def activation_bytes(cfg: Config, layout: Layout, device: str) -> dict:
         else "reference"
     elem = 2 if device == "cuda" else 4
     tokens = cfg.data.token_budget / layout.cp
-    samples = max(1.0, cfg.data.token_budget / flops_mean_tokens(cfg))
+    samples = max(1.0, cfg.data.token_budget / mean_sample_tokens(cfg))  # per micro-batch
     text_tokens = samples * cfg.text.max_length / layout.cp
     per_token, per_text = block_activations(cfg, layout.tp, backend, m.activation_checkpointing)
     blocks = math.ceil(m.depth / layout.pp)
-    in_flight = layout.pp  # 1F1B: the first stage holds pp micro-batches before its first backward
+    in_flight = layout.pp  # 1F1B: the first stage holds up to pp micro-batches before its first backward
     kept = blocks * (per_token * tokens + per_text * text_tokens) * h * elem
     recompute = 0.0
     if m.activation_checkpointing == "full":  # backward recomputes one block at a time, keeping all of it
@@ -188,11 +193,6 @@ def activation_bytes(cfg: Config, layout: Layout, device: str) -> dict:
     workspace = 0.0 if backend == "flash" else 3 * tokens * h / layout.tp * elem
     return {"activations": in_flight * kept + outside, "recompute": recompute, "workspace": workspace,
             "backend": backend}
-
-
-def flops_mean_tokens(cfg: Config) -> float:
-    tokens = [math.prod(g) for g in sample_grids(cfg)]
-    return sum(tokens) / len(tokens)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -7,27 +7,37 @@ project's own slurm/train.sbatch, rendered and submitted by `stdit slurm submit`
   as the uninterrupted job;
 - a chain of two jobs (slurm/chain.sh): the first is signalled and stops, the second resumes and finishes.
 Skipped, with the reason, where SLURM cannot be installed or started (not root, no packages)."""
+import contextlib
+import io
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from slurm_cluster import Cluster, unavailable
 
+from stdit.cli import main
+
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["model.hidden_size=32", "model.depth=2", "model.num_heads=4", "data.resolutions=[[8,8],[8,16],[16,8]]",
         "data.frame_counts=[1,2,4]", "data.batch_size=6", "data.token_budget=128", "data.num_samples=64",
         "text.hidden_size=16", "text.num_layers=1", "text.ff_size=32", "run.samples_at_end=0", "run.log_every=1",
         "optim.warmup_steps=2", "checkpoint.every=0", "parallel.zero=1"]
-STEPS = 60  # ~10 steps/s: long enough that a signal sent after step 3 lands mid-run
+STEPS = 30  # ~10 steps/s: long enough that a signal sent after step 3 lands mid-run
 CPU_JOB = ["--gpus-per-node", "0", "--procs-per-node", "2", "--time", "10:00"]
 
 
-def stdit(*args: str, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stdit.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          env=env, timeout=120)
+def stdit(capsys, *args: str) -> tuple[int, str, str]:
+    """`stdit ARGS` in this process: (exit status, stdout, stderr)."""
+    capsys.readouterr()
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -38,12 +48,12 @@ def losses(run_dir: Path) -> dict[int, float]:
 # Rendering and the layout check (no cluster needed)
 # ----------------------------------------------------------------------------------------------------------
 
-def test_submit_renders_the_script_for_the_allocation(tmp_path):
+def test_submit_renders_the_script_for_the_allocation(tmp_path, capsys):
     run_dir = tmp_path / "x"
-    out = stdit("slurm", "submit", "recipes/tiny.yaml", "parallel.tp=2", f"run.dir={run_dir}", "--nodes", "2",
-                "--gpus-per-node", "4", "--time", "4:00:00", "--partition", "gpu", "--account", "vid", "--dry-run")
-    assert out.returncode == 0, out.stderr
-    script = out.stdout
+    code, script, err = stdit(capsys, "slurm", "submit", "recipes/tiny.yaml", "parallel.tp=2", f"run.dir={run_dir}",
+                              "--nodes", "2", "--gpus-per-node", "4", "--time", "4:00:00", "--partition", "gpu",
+                              "--account", "vid", "--dry-run")
+    assert code == 0, err
     for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=4",
                  "#SBATCH --cpus-per-task=4", "#SBATCH --time=4:00:00", "#SBATCH --signal=B:USR1@300",
                  "#SBATCH --requeue", "#SBATCH --partition=gpu", "#SBATCH --account=vid",
@@ -52,7 +62,7 @@ def test_submit_renders_the_script_for_the_allocation(tmp_path):
                  f"set -- recipes/tiny.yaml parallel.tp=2 run.dir={run_dir}"):
         assert line in script.splitlines(), line
     assert script.count("#SBATCH --nodes") == 1  # the template's defaults are replaced, not repeated
-    assert "layout tp2.pp1.cp1.dp4.zero0 on 2 node(s) x 4 = 8 processes" in out.stderr
+    assert "layout tp2.pp1.cp1.dp4.zero0 on 2 node(s) x 4 = 8 processes" in err
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
     assert subprocess.run(["bash", "-n", str(ROOT / "slurm/chain.sh")]).returncode == 0
     assert list(run_dir.rglob("*")) == [run_dir / "slurm"]  # a dry run only makes the log directory SLURM needs
@@ -65,10 +75,10 @@ def test_submit_renders_the_script_for_the_allocation(tmp_path):
     (["--gpus-per-node", "4", "--procs-per-node", "2"], "one process per GPU"),
     (["parallel.tpp=2", "--gpus-per-node", "1"], "unknown config key `parallel.tpp`"),
 ])
-def test_submit_refuses_a_layout_that_does_not_fit(args, message):
-    out = stdit("slurm", "submit", "recipes/tiny.yaml", "--time", "1:00:00", "--dry-run", *args)
-    assert out.returncode == 2 and message in out.stderr, out.stderr
-    assert "#SBATCH" not in out.stdout
+def test_submit_refuses_a_layout_that_does_not_fit(args, message, capsys):
+    code, out, err = stdit(capsys, "slurm", "submit", "recipes/tiny.yaml", "--time", "1:00:00", "--dry-run", *args)
+    assert code == 2 and message in err, err
+    assert "#SBATCH" not in out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -81,16 +91,20 @@ def cluster():
     if reason:
         pytest.skip(reason)
     c = Cluster.start()
-    yield c
+    with pytest.MonkeyPatch.context() as mp:  # sbatch here, and the jobs' environment (sbatch passes it on)
+        mp.setenv("SLURM_CONF", str(c.conf))
+        mp.setenv("OMP_NUM_THREADS", "1")
+        yield c
     c.stop()
 
 
-def submit(cluster: Cluster, run_dir: Path, *options: str) -> str:
-    env = {**cluster.env, "OMP_NUM_THREADS": "1"}
-    out = stdit("slurm", "submit", "recipes/tiny.yaml", *FAST, f"run.dir={run_dir}", f"run.steps={STEPS}",
-                *CPU_JOB, *options, env=env)
-    assert out.returncode == 0, out.stderr
-    return out.stdout.split()[2].rstrip(";")  # "submitted job N; log ..."
+def submit(run_dir: Path, *options: str, dry_run: bool = False) -> str:
+    """`stdit slurm submit` of the tiny recipe on the test cluster: the job id (with dry_run: the script)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        main(["slurm", "submit", "recipes/tiny.yaml", *FAST, f"run.dir={run_dir}", f"run.steps={STEPS}", *CPU_JOB,
+              *options] + ["--dry-run"] * dry_run)
+    return out.getvalue() if dry_run else out.getvalue().split()[2].rstrip(";")  # "submitted job N; log ..."
 
 
 def signal_after(cluster: Cluster, job: str, run_dir: Path, steps: int = 3, timeout: float = 180.0) -> None:
@@ -107,7 +121,7 @@ def signal_after(cluster: Cluster, job: str, run_dir: Path, steps: int = 3, time
 def straight(cluster, tmp_path_factory):
     """The tiny recipe as a 2-task job (srun starts both processes), uninterrupted."""
     run_dir = tmp_path_factory.mktemp("straight")
-    job = submit(cluster, run_dir, "--launcher", "srun")
+    job = submit(run_dir, "--launcher", "srun")
     return job, cluster.wait_job(job), run_dir
 
 
@@ -123,7 +137,7 @@ def test_two_task_job_trains_to_completion(straight):
 
 
 def test_signalled_job_checkpoints_requeues_and_resumes(cluster, straight, tmp_path):
-    job = submit(cluster, tmp_path, "--launcher", "torchrun")
+    job = submit(tmp_path, "--launcher", "torchrun")
     signal_after(cluster, job, tmp_path)
     info = cluster.wait_job(job)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", info
@@ -138,13 +152,10 @@ def test_signalled_job_checkpoints_requeues_and_resumes(cluster, straight, tmp_p
 
 
 def test_dependency_chain_continues_where_the_previous_job_stopped(cluster, straight, tmp_path):
-    env = {**cluster.env, "OMP_NUM_THREADS": "1"}
     script = tmp_path / "job.sbatch"
-    out = stdit("slurm", "submit", "recipes/tiny.yaml", *FAST, f"run.dir={tmp_path}", f"run.steps={STEPS}",
-                *CPU_JOB, "--launcher", "srun", "--dry-run", env=env)
-    script.write_text(out.stdout)
+    script.write_text(submit(tmp_path, "--launcher", "srun", dry_run=True))
     chain = subprocess.run([str(ROOT / "slurm/chain.sh"), "2", str(script)], capture_output=True, text=True,
-                           env=env, cwd=ROOT, check=True).stdout
+                           cwd=ROOT, check=True).stdout
     first, second = [line.split()[-1] for line in chain.splitlines()]
     signal_after(cluster, first, tmp_path)
     assert cluster.wait_job(first)["JobState"] == "COMPLETED"
