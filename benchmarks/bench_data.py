@@ -12,7 +12,6 @@ overall and per worker, the packing's padding fraction and the planning cost alo
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import tempfile
 import time
@@ -77,19 +76,20 @@ def main() -> None:
                              f"data.token_budget={args.token_budget}", f"data.micro_batches={args.micro_batches}",
                              f"data.lookahead={args.lookahead}", "data.batch_size=1"])
     dataset = build_dataset(cfg.data, 0)
-    tokens_of = lambda shape: math.prod(grid_of(shape, patch))  # noqa: E731
+    token_grid = lambda shape: grid_of(shape, patch)  # noqa: E731
     print(f"{len(dataset)} samples from {pattern}; token budget {args.token_budget} x {args.micro_batches} "
           f"micro-batches per step, look-ahead {args.lookahead}")
 
-    planner = StepSampler(dataset, cfg.data, 0, tokens_of)
+    planner = StepSampler(dataset, cfg.data, 0, token_grid)
     start = time.perf_counter()
     plans = [planner.plan(s) for s in range(args.steps)]
     plan_s = time.perf_counter() - start
     capacity = args.steps * args.micro_batches * args.token_budget
-    print(f"planning: {plan_s / args.steps * 1e3:.2f} ms/step, padding {1 - sum(sum(p.tokens) for p in plans) / capacity:.4f}")
+    padding = 1 - sum(sum(p.tokens) for p in plans) / capacity
+    print(f"planning: {plan_s / args.steps * 1e3:.2f} ms/step, padding {padding:.4f}")
     print(f"{'workers':>7} {'frames/s':>10} {'per worker':>10} {'tokens/s':>10} {'per worker':>10}")
     for workers in [int(w) for w in args.workers.split(",")]:
-        sampler = StepSampler(dataset, cfg.data, 0, tokens_of, workers)
+        sampler = StepSampler(dataset, cfg.data, 0, token_grid, workers)
         sampler.samples(0)  # start the workers outside the timing
         frames = tokens = 0
         start = time.perf_counter()
@@ -103,7 +103,8 @@ def main() -> None:
         dt = time.perf_counter() - start
         sampler.close()
         per = max(workers, 1)
-        print(f"{workers:>7} {frames / dt:>10.1f} {frames / dt / per:>10.1f} {tokens / dt:>10.0f} {tokens / dt / per:>10.0f}")
+        print(f"{workers:>7} {frames / dt:>10.1f} {frames / dt / per:>10.1f} {tokens / dt:>10.0f} "
+              f"{tokens / dt / per:>10.0f}")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from parallel.pipeline import batch_inputs, build_pipeline
 from parallel.pipeline import plain_name as pipe_plain_name
 from parallel.tensor import apply_tp
 from stdit.config import Config, ConfigError, load_config, to_yaml
-from stdit.data.loader import StepSampler, build_dataset
+from stdit.data.loader import StepPlan, StepSampler, build_dataset
 from stdit.data.video import to_uint8, write_video
 from stdit.diffusion.masks import draw_mask
 from stdit.diffusion.rectified_flow import SampleDraw, draw, flow_loss_sum, noisy_inputs
@@ -37,7 +37,7 @@ from stdit.metrics import MetricsLogger
 from stdit.models.stdit import ATTENTION_KERNELS, TP_HEAD_SHARED, TP_PLAN, build_model
 from stdit.models.text import TextEncoder
 from stdit.ops import resolve_backend
-from stdit.packing import grid_of, pack, plan_microbatches, token_counts
+from stdit.packing import grid_of, pack, plan_microbatches
 
 
 def resolve_device(name: str) -> torch.device:
@@ -56,17 +56,6 @@ class Shard:
     cp_size: int = 1
 
 
-def assign_microbatches(tokens: list[int], dp: int) -> list[list[int]]:
-    """Deal micro-batches (largest first) to the dp rank with the fewest micro-batches, then fewest tokens."""
-    ranks: list[list[int]] = [[] for _ in range(dp)]
-    load = [0] * dp
-    for i in sorted(range(len(tokens)), key=lambda j: (-tokens[j], j)):
-        r = min(range(dp), key=lambda k: (len(ranks[k]), load[k], k))
-        ranks[r].append(i)
-        load[r] += tokens[i]
-    return ranks
-
-
 def _filler(budget: int, channels: int, patch, text_dim: int):
     """A micro-batch with nothing in the loss, for a dp rank that has fewer micro-batches than the others
     (ZeRO reduces per backward, so every rank must run the same number)."""
@@ -76,37 +65,49 @@ def _filler(budget: int, channels: int, patch, text_dim: int):
     return batch, [SampleDraw(t=0.0, noise=torch.zeros(1, batch.tokens.shape[1]), drop_caption=False)]
 
 
-def plan_step(text_encoder, samples, step: int, cfg: Config, shard: Shard = Shard(), bins=None):
+def plan_step(text_encoder, samples, step: int, cfg: Config, shard: Shard = Shard(), plan: StepPlan | None = None):
     """This process's micro-batches of one global batch: [(packed batch, draws)], the global loss-token count,
     and step statistics.
 
-    `bins` (lists of indices into samples, one per micro-batch) come from the data sampler; without them the
-    samples are packed first-fit-decreasing into micro-batches of the token budget. Either way every process
-    plans the same micro-batches; dp ranks take shares of them (padded with fillers to equal counts).
+    `plan` (from the data sampler) names the step's samples, their token grids and micro-batches; `samples` are
+    then this dp rank's only: those of its share of the micro-batches, in order. Without a plan, `samples` are the
+    whole step, packed here first-fit-decreasing. Either way every process plans the same micro-batches and the
+    same loss-token count; dp ranks take shares (padded with fillers to equal counts). `model_flops` in the
+    statistics counts this rank's micro-batches (the trainer sums it over dp).
     """
-    patch, budget = cfg.model.patch_size, cfg.data.token_budget
-    counts = token_counts([s.video.shape[1:] for s in samples], patch)
-    grids = [grid_of(s.video.shape[1:], patch) for s in samples]
-    channels = samples[0].video.shape[0]
-    token_dim = channels * math.prod(patch)
-    draws = [draw(cfg.run.seed, step, s.sample_id, n, token_dim, cfg.diffusion) for s, n in zip(samples, counts)]
-    conds = [draw_mask(cfg.data.masks, cfg.run.seed, step, s.sample_id, g[0])[1] for s, g in zip(samples, grids)]
+    patch, budget, seed = cfg.model.patch_size, cfg.data.token_budget, cfg.run.seed
+    if plan is None:
+        grids = [grid_of(s.video.shape[1:], patch) for s in samples]
+        counts = [math.prod(g) for g in grids]
+        plan = StepPlan([s.sample_id for s in samples], plan_microbatches(counts, budget), counts, grids)
+        samples = [samples[i] for j in plan.share(shard.dp_rank, shard.dp_size) for i in plan.bins[j]]
+    shares = plan.share(shard.dp_rank, shard.dp_size)
+    order = [i for j in shares for i in plan.bins[j]]
+    if [s.sample_id for s in samples] != [plan.ids[i] for i in order]:
+        raise RuntimeError(f"step {step}: the loaded samples are not this rank's share of the step's plan")
+    conds = [draw_mask(cfg.data.masks, seed, step, sid, g[0])[1] for sid, g in zip(plan.ids, plan.grids)]
+    total_loss_tokens = sum(math.prod(g) - int(c.sum()) * g[1] * g[2] for g, c in zip(plan.grids, conds))
+    token_dim = cfg.model.in_channels * math.prod(patch)
+    draws = [draw(seed, step, plan.ids[i], plan.tokens[i], token_dim, cfg.diffusion) for i in order]
     texts = text_encoder.encode(["" if d.drop_caption or s.text is not None else s.caption
                                  for s, d in zip(samples, draws)])
     texts = [s.text.to(t.device) if s.text is not None and not d.drop_caption else t
              for s, d, t in zip(samples, draws, texts)]
-    plans = plan_microbatches(counts, budget) if bins is None else bins
-    batches = [pack([samples[i].video for i in idx], [texts[i] for i in idx], [samples[i].fps for i in idx],
-                    patch, budget, sample_ids=[samples[i].sample_id for i in idx],
-                    cond_frames=[conds[i] for i in idx]) for idx in plans]
-    total_loss_tokens = sum(int(b.loss_mask.sum()) for b in batches)
-    shares = assign_microbatches([b.num_real_tokens for b in batches], shard.dp_size)
-    mine = [(batches[j], [draws[i] for i in plans[j]]) for j in shares[shard.dp_rank]]
-    mine += [_filler(budget, channels, patch, texts[0].shape[1])] * (max(map(len, shares)) - len(mine))
-    real = sum(counts)
-    flops = 3 * forward_flops(cfg.model, texts[0].shape[1], grids, [int(x.shape[0]) for x in texts])
-    stats = {"tokens": real, "samples": len(samples), "micro_batches": len(batches), "model_flops": flops,
-             "padding_fraction": 1.0 - real / (len(batches) * budget), "loss_tokens": total_loss_tokens}
+    where = {i: k for k, i in enumerate(order)}  # plan index -> position in this rank's lists
+    mine = []
+    for j in shares:
+        ks = [where[i] for i in plan.bins[j]]
+        batch = pack([samples[k].video for k in ks], [texts[k] for k in ks], [samples[k].fps for k in ks], patch,
+                     budget, sample_ids=[samples[k].sample_id for k in ks],
+                     cond_frames=[conds[i] for i in plan.bins[j]])
+        mine.append((batch, [draws[k] for k in ks]))
+    most = max(len(plan.share(r, shard.dp_size)) for r in range(shard.dp_size))
+    mine += [_filler(budget, cfg.model.in_channels, patch, text_encoder.dim)] * (most - len(mine))
+    real = sum(plan.tokens)
+    flops = 3 * forward_flops(cfg.model, text_encoder.dim, [plan.grids[i] for i in order],
+                              [int(x.shape[0]) for x in texts])
+    stats = {"tokens": real, "samples": len(plan.ids), "micro_batches": len(plan.bins), "model_flops": flops,
+             "padding_fraction": 1.0 - real / (len(plan.bins) * budget), "loss_tokens": total_loss_tokens}
     return mine, total_loss_tokens, stats
 
 
@@ -121,14 +122,14 @@ def micro_batch_inputs(batch, draws, shard: Shard, device):
 
 
 def forward_backward(model, text_encoder, samples, step: int, cfg: Config, device: torch.device, backward=None,
-                     shard: Shard = Shard(), bins=None) -> dict:
+                     shard: Shard = Shard(), plan: StepPlan | None = None) -> dict:
     """Loss (this process's part) and accumulated gradients of one global batch.
 
     Each micro-batch adds sum(loss) / (loss tokens of the global batch), scaled by dp*cp because the engine
     averages gradients over those ranks — so neither the micro-batch split nor the layout changes the loss or
     the gradients.
     """
-    mine, total_loss_tokens, stats = plan_step(text_encoder, samples, step, cfg, shard, bins)
+    mine, total_loss_tokens, stats = plan_step(text_encoder, samples, step, cfg, shard, plan)
     scale = shard.dp_size * shard.cp_size
     backward = backward or torch.Tensor.backward
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -219,11 +220,12 @@ class Trainer:
             self.shard = Shard(ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(),
                                ps.get_context_parallel_rank(), ps.get_context_parallel_world_size())
             self.loss_group = ps.get_data_parallel_group(with_context_parallel=True)
+            self.dp_group = ps.get_data_parallel_group()
         else:
             self.engine, self.model, self.shard = None, model, Shard()
             self.ema = copy.deepcopy(model).requires_grad_(False)
-        self.batches = StepSampler(build_dataset(cfg.data, cfg.run.seed), cfg.data, cfg.run.seed, self.tokens_of,
-                                   cfg.data.num_workers)
+        self.batches = StepSampler(build_dataset(cfg.data, cfg.run.seed), cfg.data, cfg.run.seed, self.token_grid,
+                                   cfg.data.num_workers, self.data_share())
         if cfg.data.cached:
             self.check_cache(self.batches.dataset)
         self.logger = MetricsLogger(self.run_dir, enabled=self.is_main)
@@ -257,21 +259,25 @@ class Trainer:
             model = build_pipeline(model, self.dims, self.pipe_loss)  # keeps this stage's layers
         return model
 
-    def tokens_of(self, shape) -> int:
-        """Model tokens of a sample of dataset shape (T, H, W) (pixels, or latents when the data is cached)."""
+    def token_grid(self, shape) -> tuple[int, int, int]:
+        """Model token grid of a sample of dataset shape (T, H, W) (pixels, or latents when the data is cached)."""
         if self.vae is not None and not self.cfg.data.cached:
             shape = self.vae.latent_shape(*shape)
-        return math.prod(grid_of(shape, self.cfg.model.patch_size))
+        return grid_of(shape, self.cfg.model.patch_size)
 
-    def global_batch(self, step: int) -> tuple[list, list]:
-        """Step `step`'s samples and micro-batches; with model.vae, pixel videos become (scaled) latents, encoded
-        on the fly (cached shards hold latents already)."""
-        samples, bins = self.batches.samples(step), self.batches.plan(step).bins
+    def data_share(self) -> tuple[int, int]:
+        """(dp rank, dp size): each rank loads only the samples of its micro-batches."""
+        return self.shard.dp_rank, self.shard.dp_size
+
+    def global_batch(self, step: int) -> tuple[list, StepPlan]:
+        """Step `step`'s plan and this rank's samples of it; with model.vae, pixel videos become (scaled)
+        latents, encoded on the fly (cached shards hold latents already)."""
+        samples, plan = self.batches.samples(step), self.batches.plan(step)
         if self.vae is None:
-            return samples, bins
+            return samples, plan
         return [s if s.latent else dataclasses.replace(
             s, video=self.vae.encode(s.video[None].to(self.device), tiled=True)[0].cpu(), latent=True)
-            for s in samples], bins
+            for s in samples], plan
 
     def optimizer_step(self) -> tuple[float, float]:
         """Clip, step the optimizer and the LR schedule; (gradient norm, lr used)."""
@@ -389,25 +395,29 @@ class Trainer:
     def train_step(self) -> dict:
         cfg, start = self.cfg, time.perf_counter()
         self.model.train()
-        samples, bins = self.global_batch(self.step)
+        samples, plan = self.global_batch(self.step)
         if self.engine is None:
             self.optimizer.zero_grad(set_to_none=True)
-            stats = forward_backward(self.model, self.text_encoder, samples, self.step, cfg, self.device, bins=bins)
+            stats = forward_backward(self.model, self.text_encoder, samples, self.step, cfg, self.device, plan=plan)
             grad_norm, lr = self.optimizer_step()
         elif self.dims.pp > 1:
             lr = self.engine.get_lr()[0]
-            stats = self.pipeline_step(samples, bins)  # forward, backward and optimizer step
+            stats = self.pipeline_step(samples, plan)  # forward, backward and optimizer step
             grad_norm = float(self.engine.get_global_grad_norm() or float("nan"))
         else:
             # through the engine, not its module: its forward starts each micro-step (ZeRO-3 accumulates by it)
             stats = forward_backward(self.engine, self.text_encoder, samples, self.step, cfg, self.device,
                                      backward=lambda loss: self.engine.backward(loss, scale_wrt_gas=False),
-                                     shard=self.shard, bins=bins)
+                                     shard=self.shard, plan=plan)
             grad_norm, lr = self.optimizer_step()
             loss = torch.tensor([stats["loss"]], dtype=torch.float64)
             dist.all_reduce(loss, group=self.loss_group)  # each dp x cp rank held part of the global mean
             stats["loss"] = loss.item()
         self.finish_step()
+        if self.distributed:  # each dp rank counted its own micro-batches
+            flops = torch.tensor([stats["model_flops"]], dtype=torch.float64)
+            dist.all_reduce(flops, group=self.dp_group)
+            stats["model_flops"] = flops.item()
         self.tokens_seen += stats["tokens"]
         dt = time.perf_counter() - start
         metrics = {"step": self.step, "loss": stats["loss"], "grad_norm": grad_norm, "lr": lr,
@@ -416,7 +426,7 @@ class Trainer:
                    "micro_batches": stats["micro_batches"], "samples": stats["samples"],
                    "layout": self.dims.describe()}
         if cfg.run.log_sample_ids:
-            metrics["sample_ids"] = [s.sample_id for s in samples]
+            metrics["sample_ids"] = plan.ids
         per_device = stats["model_flops"] / dt / self.dims.world_size
         metrics["model_tflops_per_s_per_device"] = per_device / 1e12
         if self.device.type == "cuda":
@@ -425,10 +435,10 @@ class Trainer:
                 metrics["mfu"] = per_device / peak_flops(self.device)
         return metrics
 
-    def pipeline_step(self, samples, bins) -> dict:
+    def pipeline_step(self, samples, plan) -> dict:
         """One step through DeepSpeed's pipeline engine: it runs this rank's micro-batches through the stages."""
         from megatron.core import parallel_state as ps
-        mine, total, stats = plan_step(self.text_encoder, samples, self.step, self.cfg, self.shard, bins)
+        mine, total, stats = plan_step(self.text_encoder, samples, self.step, self.cfg, self.shard, plan)
         items = []
         for batch, draws in mine:
             x_t, t_frame, target, view = micro_batch_inputs(batch, draws, self.shard, self.device)

@@ -39,8 +39,11 @@ class VAETrainer(Trainer):
     def parallelize(self, model):
         return model
 
-    def tokens_of(self, shape) -> int:
-        return 1  # the autoencoder takes whole samples, never packed micro-batches of a token budget
+    def token_grid(self, shape) -> tuple[int, int, int]:
+        return (1, 1, 1)  # the autoencoder takes whole samples, never packed micro-batches of a token budget
+
+    def data_share(self) -> tuple[int, int]:
+        return 0, 1  # every rank loads the step's samples and takes every dp-th (train_step)
 
     def sample_loss(self, model, x: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Loss of one sample [1, C, T, H, W] and its parts."""

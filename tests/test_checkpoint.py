@@ -195,7 +195,7 @@ def test_data_position_carries_over_in_samples():
             return i
 
     def sampler(batch_size):
-        return StepSampler(Ids(), DataConfig(batch_size=batch_size), seed=1, tokens_of=lambda shape: 1)
+        return StepSampler(Ids(), DataConfig(batch_size=batch_size), seed=1, token_grid=lambda shape: (1, 1, 1))
     straight = sampler(4)
     stream = [i for s in range(8) for i in straight.ids(s)]
     resumed = sampler(6)  # batch size changed at the resume

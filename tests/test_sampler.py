@@ -14,10 +14,10 @@ from stdit.diffusion.masks import STRATEGIES, draw_mask
 from stdit.packing import grid_of
 
 
-def _sampler(*overrides, workers=0):
+def _sampler(*overrides, workers=0, share=(0, 1)):
     cfg = load_config("recipes/tiny.yaml", ["data.micro_batches=2", *overrides])
-    tokens_of = lambda shape: math.prod(grid_of(shape, cfg.model.patch_size))  # noqa: E731
-    return StepSampler(build_dataset(cfg.data, 0), cfg.data, 0, tokens_of, workers), cfg
+    token_grid = lambda shape: grid_of(shape, cfg.model.patch_size)  # noqa: E731
+    return StepSampler(build_dataset(cfg.data, 0), cfg.data, 0, token_grid, workers, share), cfg
 
 
 def test_padding_under_two_percent_at_the_demo_budget():
@@ -77,10 +77,23 @@ def test_worker_processes_deliver_the_same_samples_in_order():
     try:
         for step in [0, 1, 2, 3, 7, 8]:  # a jump restarts the workers at the new step
             a, b = inline.samples(step), workers.samples(step)
-            assert [x.sample_id for x in a] == [x.sample_id for x in b] == inline.ids(step)
+            assert [x.sample_id for x in a] == [x.sample_id for x in b] == inline.mine(step)
+            assert sorted(inline.mine(step)) == sorted(inline.ids(step))
             assert all(torch.equal(x.video, y.video) for x, y in zip(a, b))
     finally:
         workers.close()
+
+
+def test_each_data_parallel_rank_loads_only_its_micro_batches():
+    whole, cfg = _sampler("data.micro_batches=4")
+    ranks = [_sampler("data.micro_batches=4", share=(r, 2))[0] for r in range(2)]
+    for step in range(20):
+        plan, mine = whole.plan(step), [r.mine(step) for r in ranks]
+        assert sorted(mine[0] + mine[1]) == sorted(plan.ids) and not set(mine[0]) & set(mine[1])
+        loads = [sum(plan.tokens[plan.ids.index(i)] for i in m) for m in mine]
+        assert [len(plan.share(r, 2)) for r in range(2)] == [2, 2]
+        assert abs(loads[0] - loads[1]) <= 0.05 * cfg.data.token_budget  # full micro-batches: balanced tokens
+    assert [s.sample_id for s in ranks[1].samples(3)] == ranks[1].mine(3)
 
 
 def test_masks_follow_their_strategy_and_are_reproducible():

@@ -16,6 +16,7 @@ number of ranks continues with exactly the samples an uninterrupted run would ha
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -52,22 +53,41 @@ def build_dataset(data_cfg, seed: int):
 
 @dataclass
 class StepPlan:
-    """One step: dataset ids of its samples and their micro-batches (lists of indices into ids)."""
+    """One step: dataset ids of its samples, their token grids (T', H', W') and counts, and its micro-batches
+    (lists of indices into ids)."""
 
     ids: list[int]
     bins: list[list[int]]
     tokens: list[int]
+    grids: list[tuple[int, int, int]]
+
+    def share(self, dp_rank: int, dp_size: int) -> list[int]:
+        """The micro-batches (indices into bins) data-parallel rank `dp_rank` of `dp_size` trains on."""
+        return assign_microbatches([sum(self.tokens[i] for i in b) for b in self.bins], dp_size)[dp_rank]
+
+
+def assign_microbatches(tokens: list[int], dp: int) -> list[list[int]]:
+    """Deal micro-batches (largest first) to the dp rank with the fewest micro-batches, then fewest tokens."""
+    ranks: list[list[int]] = [[] for _ in range(dp)]
+    load = [0] * dp
+    for i in sorted(range(len(tokens)), key=lambda j: (-tokens[j], j)):
+        r = min(range(dp), key=lambda k: (len(ranks[k]), load[k], k))
+        ranks[r].append(i)
+        load[r] += tokens[i]
+    return ranks
 
 
 class StepSampler:
     """Plans steps from the data stream (see the module docstring) and loads their samples.
 
-    `tokens_of(shape)` is the model's token count of a sample of dataset shape (T, H, W). With
-    `workers` > 0, samples are decoded in that many worker processes, steps ahead of the one training.
+    `token_grid(shape)` is the model's token grid (T', H', W') of a sample of dataset shape (T, H, W). `share`
+    = (dp rank, dp size): samples() loads only the samples of that rank's micro-batches. With `workers` > 0,
+    samples are decoded in that many worker processes, steps ahead of the one training.
     """
 
-    def __init__(self, dataset, data_cfg, seed: int, tokens_of, workers: int = 0):
-        self.dataset, self.seed, self.tokens_of, self.workers = dataset, seed, tokens_of, workers
+    def __init__(self, dataset, data_cfg, seed: int, token_grid, workers: int = 0, share=(0, 1)):
+        self.dataset, self.seed, self.token_grid, self.workers = dataset, seed, token_grid, workers
+        self.share = share
         self.batch_size, self.budget = data_cfg.batch_size, data_cfg.token_budget
         self.micro_batches, self.lookahead = data_cfg.micro_batches, data_cfg.lookahead
         self._perm_epoch, self._perm = -1, None
@@ -118,10 +138,9 @@ class StepSampler:
         state = self._states[step]
         nxt, buffer = state["next"], list(state["buffer"])
         if self.micro_batches == 0:
-            positions = list(range(nxt, nxt + self.batch_size))
-            counts = [self._tokens(p) for p in positions]
-            bins = plan_microbatches(counts, self.budget)
-            nxt, chosen = nxt + self.batch_size, positions
+            chosen = list(range(nxt, nxt + self.batch_size))
+            bins = plan_microbatches([self._tokens(p) for p in chosen], self.budget)
+            nxt += self.batch_size
         else:
             while len(buffer) < self.lookahead:
                 buffer.append(nxt)
@@ -134,8 +153,9 @@ class StepSampler:
             for b in chosen_bins:
                 bins.append(list(range(k, k + len(b))))
                 k += len(b)
-            counts = [self._tokens(p) for p in chosen]
-        plan = StepPlan(ids=[self.id_at(p) for p in chosen], bins=bins, tokens=counts)
+        grids = [self._grid(p) for p in chosen]
+        plan = StepPlan(ids=[self.id_at(p) for p in chosen], bins=bins, tokens=[math.prod(g) for g in grids],
+                        grids=grids)
         self._plans[step] = plan
         self._states[step + 1] = {"next": nxt, "buffer": buffer}
         for old in [s for s in self._plans if s < step - 256]:  # keep some: loading and checkpoints lag planning
@@ -143,8 +163,11 @@ class StepSampler:
             self._states.pop(old, None)
         return plan
 
+    def _grid(self, pos: int) -> tuple[int, int, int]:
+        return tuple(self.token_grid(self.dataset.shape_of(self.id_at(pos))))
+
     def _tokens(self, pos: int) -> int:
-        n = self.tokens_of(self.dataset.shape_of(self.id_at(pos)))
+        n = math.prod(self._grid(pos))
         if n > self.budget:
             raise ValueError(f"sample {self.id_at(pos)} has {n} tokens, more than data.token_budget={self.budget}; "
                              "raise data.token_budget or lower data.resolutions / data.frame_counts")
@@ -171,10 +194,15 @@ class StepSampler:
     def ids(self, step: int) -> list[int]:
         return self.plan(step).ids
 
+    def mine(self, step: int) -> list[int]:
+        """Dataset ids of this rank's share of step `step`: its micro-batches' samples, in order."""
+        plan = self.plan(step)
+        return [plan.ids[i] for j in plan.share(*self.share) for i in plan.bins[j]]
+
     def samples(self, step: int) -> list[Sample]:
-        """The samples of step `step` in plan order; with workers, consecutive steps are decoded ahead."""
+        """This rank's samples of step `step` (see mine()); with workers, consecutive steps are decoded ahead."""
         if self.workers == 0:
-            return [self.dataset[i] for i in self.ids(step)]
+            return [self.dataset[i] for i in self.mine(step)]
         if self._iter is None or self._iter_step != step:
             self.close()
             loader = torch.utils.data.DataLoader(
@@ -211,5 +239,5 @@ class _StepIds:
     def __iter__(self):
         step = self.start
         while True:
-            yield self.sampler.ids(step)
+            yield self.sampler.mine(step)
             step += 1
