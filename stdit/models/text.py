@@ -10,7 +10,6 @@ import torch.nn as nn
 KINDS = ("t5", "clip")
 # checkpoint model types each kind's model class loads correctly (a mismatch would give garbage embeddings)
 _MODEL_TYPES = {"t5": ("t5", "mt5"), "clip": ("clip", "clip_text_model")}
-_BATCH = 64  # captions per forward pass when many are new
 
 
 def _random_model(kind: str, hidden_size, num_layers, num_heads, ff_size, max_length, tokenizer):
@@ -107,12 +106,13 @@ class TextEncoder(nn.Module):
         for c in dict.fromkeys(captions):
             if c in self._cache:
                 found[c] = self._cache[c] = self._cache.pop(c)  # move to the most recently used end
-        todo = sorted(c for c in dict.fromkeys(captions) if c not in found)
-        for start in range(0, len(todo), _BATCH):
-            chunk = todo[start:start + _BATCH]
-            for c, emb in zip(chunk, self._embed(chunk)):
-                found[c] = emb
-                self._remember(c, emb)
+        # one caption per forward pass: batching would pad each caption to its batch's longest, and the padded
+        # shapes change the floating-point result slightly, so a caption's embedding would depend on which
+        # captions were new alongside it (a resumed run would drift from an uninterrupted one). For
+        # throughput, cache the embeddings once (`stdit data cache`).
+        for c in sorted(c for c in dict.fromkeys(captions) if c not in found):
+            found[c] = self._embed([c])[0]
+            self._remember(c, found[c])
         return [found[c].clone() for c in captions]
 
     def _remember(self, caption: str, emb: torch.Tensor) -> None:
