@@ -90,17 +90,18 @@ class StepSampler:
         self.share = share
         self.batch_size, self.budget = data_cfg.batch_size, data_cfg.token_budget
         self.micro_batches, self.lookahead = data_cfg.micro_batches, data_cfg.lookahead
-        self._perm_epoch, self._perm = -1, None
+        self._perms: dict[int, torch.Tensor] = {}  # the last two epochs' orders (the buffer may straddle them)
         self._states = {0: {"next": 0, "buffer": []}}  # data state before each planned step
         self._plans: dict[int, StepPlan] = {}
         self._iter, self._iter_step = None, None
 
     # ---- the stream and its state -------------------------------------------------------------------------
     def _permutation(self, epoch: int) -> torch.Tensor:
-        if epoch != self._perm_epoch:
+        if epoch not in self._perms:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm, self._perm_epoch = torch.randperm(len(self.dataset), generator=g), epoch
-        return self._perm
+            self._perms = {e: p for e, p in self._perms.items() if e == epoch - 1}
+            self._perms[epoch] = torch.randperm(len(self.dataset), generator=g)
+        return self._perms[epoch]
 
     def id_at(self, pos: int) -> int:
         """Dataset id at stream position `pos`."""
@@ -117,6 +118,8 @@ class StepSampler:
 
     def state(self, step: int) -> dict:
         """The data state before step `step` (what a checkpoint taken after step - 1 stores)."""
+        if step < min(self._states):
+            raise ValueError(f"step {step} is before the data stream's origin (step {min(self._states)})")
         while step not in self._states:
             self.plan(max(s for s in self._states if s < step))
         return self._states[step]
@@ -131,11 +134,7 @@ class StepSampler:
         """The samples and micro-batches of step `step`; steps are planned in order from the earliest known state."""
         if step in self._plans:
             return self._plans[step]
-        if step not in self._states:
-            if not self._states or step < min(self._states):
-                raise ValueError(f"step {step} is before the data stream's origin (step {min(self._states)})")
-            self.state(step)
-        state = self._states[step]
+        state = self.state(step)
         nxt, buffer = state["next"], list(state["buffer"])
         if self.micro_batches == 0:
             chosen = list(range(nxt, nxt + self.batch_size))
