@@ -22,6 +22,7 @@ import os
 import sys
 import tarfile
 from pathlib import Path
+from queue import Empty
 
 import torch
 from tqdm import tqdm
@@ -73,19 +74,23 @@ def cache_shard(source: Path, out: Path, settings: dict, vae, text_encoder, prog
             _add(tar, f"{key}.txt", s.caption.encode())
             _add(tar, f"{key}.json", json.dumps(meta).encode())
             written += 1
+    result = {"written": written, "skipped": skipped}
+    out.with_suffix(".json").write_text(json.dumps(result))  # what this shard holds, kept across reruns
     os.replace(tmp, out)
-    return {"written": written, "skipped": skipped}
+    return result
 
 
-def _worker(rank: int, jobs: list[tuple[str, str]], settings: dict, text_cfg, device: str, results) -> None:
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, len(jobs))))
+def _worker(rank: int, workers: int, jobs: list[tuple[str, str]], settings: dict, text_cfg, device: str,
+            results) -> None:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
     if device == "cuda":
         dev = torch.device("cuda", rank % torch.cuda.device_count())
     else:
         dev = torch.device("cpu")
     vae, text_encoder = _encoders(settings, text_cfg, dev)
     for src, dst in jobs:
-        results.put((src, cache_shard(Path(src), Path(dst), settings, vae, text_encoder, progress=rank == 0)))
+        cache_shard(Path(src), Path(dst), settings, vae, text_encoder, progress=rank == 0)
+        results.put(src)
 
 
 def cache(sources: list[str], out: str | Path, vae: str, cfg, workers: int = 1, device: str = "auto") -> dict:
@@ -113,27 +118,36 @@ def cache(sources: list[str], out: str | Path, vae: str, cfg, workers: int = 1, 
         print(f"{done} of {len(shards)} shards already cached in {out}; encoding the other {len(todo)}")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     workers = max(1, min(workers, len(todo)))
-    summary = json.loads(record.read_text())
-    if todo:
-        if workers == 1:
-            vae_m, text_m = _encoders(settings, cfg.text, torch.device(device if device == "cpu" else "cuda"))
-            results = [(src, cache_shard(Path(src), Path(dst), settings, vae_m, text_m)) for src, dst in todo]
-        else:
-            ctx = torch.multiprocessing.get_context("spawn")
-            queue = ctx.Queue()
-            procs = [ctx.Process(target=_worker, args=(r, todo[r::workers], settings, cfg.text, device, queue))
-                     for r in range(workers)]
-            for p in procs:
-                p.start()
-            results = [queue.get() for _ in todo]
-            for p in procs:
-                p.join()
-            failed = [p.exitcode for p in procs if p.exitcode]
-            if failed:
-                raise RuntimeError(f"cache workers failed with exit codes {failed}; rerun to finish the rest")
-        for src, r in results:
-            summary["shards"][Path(src).name] = r
-        record.write_text(json.dumps(summary, indent=1))
+    if workers == 1 and todo:
+        vae_m, text_m = _encoders(settings, cfg.text, torch.device(device if device == "cpu" else "cuda"))
+        for src, dst in todo:
+            cache_shard(Path(src), Path(dst), settings, vae_m, text_m)
+    elif todo:
+        ctx = torch.multiprocessing.get_context("spawn")
+        queue = ctx.Queue()
+        procs = [ctx.Process(target=_worker, args=(r, workers, todo[r::workers], settings, cfg.text, device, queue))
+                 for r in range(workers)]
+        for p in procs:
+            p.start()
+        finished = 0
+        while finished < len(todo):
+            try:
+                queue.get(timeout=5)
+                finished += 1
+            except Empty:
+                failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                if failed or all(p.exitcode is not None for p in procs):
+                    for p in procs:
+                        p.terminate()
+                    raise RuntimeError(f"cache workers stopped (exit codes {[p.exitcode for p in procs]}) with "
+                                       f"{len(todo) - finished} shards left; finished shards are kept, rerun to "
+                                       "encode the rest")
+        for p in procs:
+            p.join()
+    summary = {"settings": settings, "shards": {}}
+    for i, src in enumerate(shards):
+        summary["shards"][src.name] = json.loads((out / f"cache-{i:06d}.json").read_text())
+    record.write_text(json.dumps(summary, indent=1))
     return summary
 
 
