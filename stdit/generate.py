@@ -27,6 +27,38 @@ def find_checkpoint(path: Path) -> Path:
     return found
 
 
+def condition_of(path: str | Path, frames: int, shape: tuple[int, int, int], patch_size, vae=None):
+    """(clean video in the model's space, bool mask over token frames) for sample_videos: the first `frames`
+    frames of the image / video at `path`, fitted to `shape` = (T, H, W) pixels. With an autoencoder the clip is
+    encoded whole (later frames repeat the last given one); its causal encoder makes the first 1 + (frames-1)//4
+    latent frames depend on the given frames only, and those are the ones given."""
+    from stdit.data.shards import decode, fit_to_bucket
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist")
+    t, h, w = shape
+    if not 1 <= frames < t:
+        raise ValueError(f"--cond-frames={frames} must be in [1, --frames - 1 = {t - 1}]")
+    try:
+        clip, _ = decode(path.read_bytes(), path.suffix.lower().lstrip("."), frames)
+    except Exception as e:
+        raise ValueError(f"{path} cannot be decoded ({type(e).__name__}: {e})") from None
+    if clip.shape[0] < frames:
+        raise ValueError(f"{path} holds {clip.shape[0]} frames, fewer than --cond-frames={frames}")
+    video = fit_to_bucket(clip, [(h, w)])  # [3, frames, h, w]
+    video = torch.cat([video, video[:, -1:].expand(-1, t - frames, -1, -1)], dim=1)
+    given = frames
+    if vae is not None:
+        video = vae.encode(video[None].to(next(vae.parameters()).device), tiled=True)[0].cpu()
+        given = 1 + (frames - 1) // vae.time_factor
+    pt = patch_size[0]
+    if given % pt:
+        raise ValueError(f"{given} given (latent) frames do not fill whole temporal patches of {pt}")
+    mask = torch.zeros(video.shape[1] // pt, dtype=torch.bool)
+    mask[:given // pt] = True
+    return video, mask
+
+
 def load_for_generation(run: str | Path, device: str = "auto", weights: str = "ema"):
     """(model, text encoder, config) rebuilt from a checkpoint's resolved config and weights."""
     ckpt = find_checkpoint(Path(run))
@@ -53,6 +85,9 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--upscale", type=int, default=4, help="nearest-neighbour upscaling of the written video")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", required=True, help="output file: .mp4 (H.264 via PyAV) or .gif")
+    ap.add_argument("--condition", help="image or video whose first --cond-frames frames start the clip "
+                    "(image-to-video, continuation); resized and centre-cropped to --height x --width")
+    ap.add_argument("--cond-frames", type=int, default=1, help="frames of --condition given (default 1)")
     args = ap.parse_args(argv)
 
     model, text_encoder, cfg = load_for_generation(args.run, args.device, args.weights)
@@ -69,10 +104,18 @@ def main(argv: list[str] | None = None) -> Path:
     if shape[0] % pt or shape[1] % ph or shape[2] % pw:
         ap.error(f"--frames/--height/--width must be divisible by the patch size {cfg.model.patch_size}"
                  + (" after the autoencoder's compression" if vae is not None else ""))
+    condition = None
+    if args.condition is not None:
+        try:
+            condition = condition_of(args.condition, args.cond_frames, (args.frames, args.height, args.width),
+                                     cfg.model.patch_size, vae)
+        except ValueError as e:
+            ap.error(f"--condition: {e}")
     steps = args.steps or cfg.diffusion.sample_steps
     with tqdm(total=steps, desc="sample", mininterval=1.0) as bar:
         (video,) = sample_videos(model, text_encoder, [args.prompt], [shape], cfg.model, cfg.diffusion,
-                                 seed=args.seed, fps=args.fps, steps=steps, cfg_scale=args.cfg_scale, progress=bar)
+                                 seed=args.seed, fps=args.fps, steps=steps, cfg_scale=args.cfg_scale, progress=bar,
+                                 conditions=[condition])
     if vae is not None:
         video = vae.decode(video[None].to(next(vae.parameters()).device), tiled=True)[0].cpu()
     out = write_video(args.out, to_uint8(video), fps=args.fps, upscale=args.upscale)

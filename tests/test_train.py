@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import torch
 
 from parallel import checkpoint
@@ -64,6 +65,23 @@ def test_cli_train_and_generate_write_a_playable_video(tmp_path):
     assert gen.returncode == 0, gen.stderr[-2000:]
     frames, fps = read_video(video)
     assert frames.shape == (4, 8 * 4, 16 * 4, 3) and fps == 8.0
+    # image-to-video: a still image gives the first frame
+    from PIL import Image
+    image = np.zeros((8, 16, 3), np.uint8)
+    image[:, :8] = (255, 0, 0)
+    Image.fromarray(image).save(tmp_path / "first.png")
+    gen = subprocess.run([sys.executable, "-m", "stdit.cli", "generate", "--run", str(run), "--prompt", "a square",
+                          "--frames", "4", "--height", "8", "--width", "16", "--steps", "3", "--upscale", "1",
+                          "--condition", str(tmp_path / "first.png"), "--out", str(tmp_path / "i2v.mp4")],
+                         capture_output=True, text=True)
+    assert gen.returncode == 0, gen.stderr[-2000:]
+    frames, _ = read_video(tmp_path / "i2v.mp4")
+    err = (frames[0].double() - torch.from_numpy(image).double()).abs().mean()
+    assert err < 20, err  # H.264 keeps it close; the other frames are generated
+    bad = subprocess.run([sys.executable, "-m", "stdit.cli", "generate", "--run", str(run), "--prompt", "x",
+                          "--frames", "4", "--height", "8", "--width", "16", "--condition", str(tmp_path / "first.png"),
+                          "--cond-frames", "4", "--out", str(tmp_path / "bad.mp4")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--cond-frames=4 must be in [1, --frames - 1 = 3]" in bad.stderr
 
 
 def test_python_m_stdit_train_matches_stdit_train(tmp_path):

@@ -1,7 +1,9 @@
 """Euler sampling of the rectified-flow ODE with classifier-free guidance.
 
 The conditional and unconditional copies of every video are packed into one sequence, so one forward pass
-per step serves both (and any mix of shapes).
+per step serves both (and any mix of shapes). Conditioning frames (image-to-video, continuation, ...: the mask
+strategies of training, stdit/diffusion/masks.py) are held at their given clean values with timestep 0, as in
+training; only the other frames are integrated.
 """
 from __future__ import annotations
 
@@ -14,8 +16,12 @@ from stdit.packing import grid_of, pack, unpack
 @torch.no_grad()
 def sample_videos(model, text_encoder, prompts: list[str], shapes: list[tuple[int, int, int]], model_cfg,
                   diffusion_cfg, seed: int = 0, fps: float = 8.0, steps: int | None = None,
-                  cfg_scale: float | None = None, progress=None) -> list[torch.Tensor]:
-    """Generate one [C, T, H, W] video in [-1, 1]-ish per (prompt, (T, H, W)) from pure noise."""
+                  cfg_scale: float | None = None, progress=None, conditions=None) -> list[torch.Tensor]:
+    """Generate one [C, T, H, W] video in [-1, 1]-ish per (prompt, (T, H, W)) from pure noise.
+
+    conditions[i], if given, is (clean video [C, T, H, W] of that shape, bool [T'] over token frames): the True
+    frames are given, taken from the clean video; the others are generated.
+    """
     steps = steps or diffusion_cfg.sample_steps
     cfg_scale = diffusion_cfg.cfg_scale if cfg_scale is None else cfg_scale
     guided = cfg_scale != 1.0
@@ -23,10 +29,14 @@ def sample_videos(model, text_encoder, prompts: list[str], shapes: list[tuple[in
     patch = tuple(model_cfg.patch_size)
     n = len(prompts)
     texts = text_encoder.encode(list(prompts) + ([""] * n if guided else []))
-    placeholders = [torch.zeros(model_cfg.in_channels, *s) for s in shapes]
+    conditions = conditions or [None] * n
+    placeholders = [torch.zeros(model_cfg.in_channels, *s) if c is None else c[0].float()
+                    for s, c in zip(shapes, conditions)]
+    masks = [None if c is None else c[1] for c in conditions]
     videos = placeholders + (placeholders if guided else [])
     total = sum(v[0].numel() // (patch[0] * patch[1] * patch[2]) for v in videos)
-    batch = pack(videos, texts, [fps] * len(videos), patch, total).to(device)
+    batch = pack(videos, texts, [fps] * len(videos), patch, total,
+                 cond_frames=masks + (masks if guided else [])).to(device)
     token_dim = batch.tokens.shape[1]
 
     x = torch.zeros(batch.offsets[n] if guided else total, token_dim, device=device)
@@ -38,6 +48,8 @@ def sample_videos(model, text_encoder, prompts: list[str], shapes: list[tuple[in
         x[off:off + num] = torch.randn(num, token_dim, generator=sample_generator(seed, 0, i, "sample")).to(device)
         shifts.append(timestep_shift(num, diffusion_cfg))
     shifts = torch.tensor(shifts * (2 if guided else 1), device=device)
+    given = batch.frame_cond[batch.token_frame[:x.shape[0]]]  # tokens of conditioning frames
+    x[given] = batch.tokens[:x.shape[0]][given].float()
 
     model.eval()
     ts = torch.linspace(1.0, 0.0, steps + 1, device=device)
@@ -45,6 +57,7 @@ def sample_videos(model, text_encoder, prompts: list[str], shapes: list[tuple[in
     for k in range(steps):
         t_cur, t_next = shift_t(ts[k], shifts), shift_t(ts[k + 1], shifts)         # per packed sample
         t_frame = torch.cat([t_cur, t_cur.new_zeros(1)])[batch.frame_sample]
+        t_frame = torch.where(batch.frame_cond, torch.zeros_like(t_frame), t_frame)
         x_in = torch.cat([x, x]) if guided else x
         with autocast:
             v = model(x_in, t_frame, batch).float()
@@ -52,7 +65,7 @@ def sample_videos(model, text_encoder, prompts: list[str], shapes: list[tuple[in
             v_cond, v_uncond = v[:x.shape[0]], v[x.shape[0]:]
             v = v_uncond + cfg_scale * (v_cond - v_uncond)
         dt = (t_next - t_cur)[batch.token_sample[:x.shape[0]]][:, None]
-        x = x + dt * v
+        x = x + dt * v * ~given[:, None]
         if progress is not None:
             progress.update(1)
     full = torch.cat([x, x]) if guided else x
