@@ -1,5 +1,6 @@
 import copy
 
+import pytest
 import torch
 
 from stdit.config import Config, DiffusionConfig
@@ -92,3 +93,26 @@ def test_conditioned_sampling_keeps_the_given_frames_and_uses_them():
         again = run([(clean_b, first), None])  # another first frame changes the rest; no condition: as plain
         assert not torch.allclose(again[0][:, 1:], given[0][:, 1:], atol=1e-4)
         torch.testing.assert_close(again[1], plain[1])
+
+
+def test_condition_of_an_image_or_clip_through_the_causal_autoencoder(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from stdit.config import load_config
+    from stdit.generate import condition_of
+    from stdit.models.vae import VideoVAE
+    from test_data_shard import _write
+    vae = VideoVAE(load_config("recipes/vae/tiny.yaml").vae).eval()
+    Image.fromarray(np.full((20, 30, 3), 90, np.uint8)).save(tmp_path / "a.png")
+    video, mask = condition_of(tmp_path / "a.png", 1, (9, 16, 16), (1, 2, 2), vae)
+    assert video.shape == (4, 3, 2, 2) and mask.tolist() == [True, False, False]
+    _write(tmp_path / "c.mp4", "libx264", 7, (16, 16), 8)
+    video, mask = condition_of(tmp_path / "c.mp4", 5, (9, 16, 16), (1, 2, 2), vae)
+    assert mask.tolist() == [True, True, False]
+    from stdit.data.shards import decode, fit_to_bucket
+    given = fit_to_bucket(decode((tmp_path / "c.mp4").read_bytes(), "mp4", 5)[0], [(16, 16)])
+    with torch.no_grad():  # the given latent frames are those of the given pixel frames alone
+        torch.testing.assert_close(video[:, :2], vae.encode(given[None], tiled=True)[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="fewer than --cond-frames=8"):
+        condition_of(tmp_path / "c.mp4", 8, (9, 16, 16), (1, 2, 2), vae)
