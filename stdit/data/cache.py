@@ -28,12 +28,12 @@ import torch
 from tqdm import tqdm
 
 from stdit.data.sample import Sample
-from stdit.data.shards import ShardDataset, expand
+from stdit.data.shards import ShardDataset, expand, read_member, tar_index
 
 
-def _settings(args, cfg) -> dict:
+def _settings(vae: str, cfg) -> dict:
     d = cfg.data
-    return {"vae": str(Path(args.vae).resolve()), "text_encoder": cfg.text.path, "text_kind": cfg.text.kind,
+    return {"vae": str(Path(vae).resolve()), "text_encoder": cfg.text.path, "text_kind": cfg.text.kind,
             "text_max_length": cfg.text.max_length, "resolutions": [list(r) for r in d.resolutions],
             "frame_counts": list(d.frame_counts), "frame_stride": d.frame_stride, "target_fps": d.target_fps}
 
@@ -100,7 +100,7 @@ def cache(sources: list[str], out: str | Path, vae: str, cfg, workers: int = 1, 
     names = [p.name for p in shards]
     if len(set(names)) != len(names):
         raise ValueError("source shards must have distinct file names (one cache shard each)")
-    settings = _settings(argparse.Namespace(vae=vae), cfg)
+    settings = _settings(vae, cfg)
     out.mkdir(parents=True, exist_ok=True)
     record = out / "cache.json"
     if record.exists():
@@ -157,16 +157,11 @@ class CachedDataset:
     def __init__(self, patterns):
         self.entries = []  # (shard, {extension: (offset, size)}, meta)
         for shard in expand(patterns):
-            groups: dict[str, dict[str, tuple[int, int]]] = {}
-            with tarfile.open(shard) as tar:
-                for m in tar.getmembers():
-                    key, _, ext = m.name.partition(".")
-                    groups.setdefault(key, {})[ext] = (m.offset_data, m.size)
-            for key in sorted(groups):
-                if "safetensors" not in groups[key] or "json" not in groups[key]:
+            for key, parts in tar_index(shard).items():
+                if "safetensors" not in parts or "json" not in parts:
                     raise ValueError(f"{shard}: sample {key} has no latents (safetensors) or no json; is this a "
                                      "`stdit data cache` shard? Pixel shards need data.cached=false")
-                self.entries.append((shard, groups[key], json.loads(_read(shard, groups[key]["json"]))))
+                self.entries.append((shard, parts, json.loads(read_member(shard, parts["json"]))))
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -178,16 +173,10 @@ class CachedDataset:
     def __getitem__(self, i: int) -> Sample:
         from safetensors.torch import load
         shard, parts, meta = self.entries[i]
-        tensors = load(_read(shard, parts["safetensors"]))
-        caption = _read(shard, parts["txt"]).decode()
+        tensors = load(read_member(shard, parts["safetensors"]))
+        caption = read_member(shard, parts["txt"]).decode()
         return Sample(sample_id=i, video=tensors["latent"], caption=caption, fps=meta["fps"],
                       text=tensors["text"], latent=True)
-
-
-def _read(shard: Path, where: tuple[int, int]) -> bytes:
-    with open(shard, "rb") as f:
-        f.seek(where[0])
-        return f.read(where[1])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -42,6 +42,23 @@ def expand(patterns: list[str] | str) -> list[Path]:
     return out
 
 
+def tar_index(shard: Path) -> dict[str, dict[str, tuple[int, int]]]:
+    """{sample key: {extension: (data offset, size)}} of a tar shard, from its headers alone, keys sorted."""
+    groups: dict[str, dict[str, tuple[int, int]]] = {}
+    with tarfile.open(shard) as tar:
+        for m in tar.getmembers():
+            key, _, ext = m.name.partition(".")
+            groups.setdefault(key, {})[ext] = (m.offset_data, m.size)
+    return dict(sorted(groups.items()))
+
+
+def read_member(shard: Path, where: tuple[int, int]) -> bytes:
+    """The bytes of one tar member at (data offset, size)."""
+    with open(shard, "rb") as f:
+        f.seek(where[0])
+        return f.read(where[1])
+
+
 class ShardDataset:
     """Samples of webdataset tar shards, by index."""
 
@@ -51,24 +68,13 @@ class ShardDataset:
         self.frame_stride, self.target_fps = int(frame_stride), float(target_fps)
         self.entries, self.keys = [], []  # (shard, {extension: (offset, size)}, probe); the samples' tar keys
         for shard in expand(patterns):
-            groups: dict[str, dict[str, tuple[int, int]]] = {}
-            with tarfile.open(shard) as tar:
-                for m in tar.getmembers():
-                    key, _, ext = m.name.partition(".")
-                    groups.setdefault(key, {})[ext] = (m.offset_data, m.size)
-            for key in sorted(groups):
-                parts = groups[key]
+            for key, parts in tar_index(shard).items():
                 if "txt" in parts and "json" in parts and len(parts) >= 3:
-                    self.entries.append((shard, parts, json.loads(self._read(shard, parts["json"]))))
+                    self.entries.append((shard, parts, json.loads(read_member(shard, parts["json"]))))
                     self.keys.append(key)
 
     def __len__(self) -> int:
         return len(self.entries)
-
-    def _read(self, shard: Path, where: tuple[int, int]) -> bytes:
-        with open(shard, "rb") as f:
-            f.seek(where[0])
-            return f.read(where[1])
 
     def stride(self, fps: float) -> int:
         """Keep every k-th source frame: data.frame_stride, or source fps / data.target_fps when that is set."""
@@ -88,10 +94,10 @@ class ShardDataset:
 
     def __getitem__(self, i: int) -> Sample:
         shard, parts, probe = self.entries[i]
-        caption = self._read(shard, parts["txt"]).decode().strip()
+        caption = read_member(shard, parts["txt"]).decode().strip()
         media = next(e for e in parts if e not in ("txt", "json"))
         k, t = self.stride(probe.get("fps", 0.0)), self._frames(probe)
-        frames, fps = decode(self._read(shard, parts[media]), media, 1 + (t - 1) * k)
+        frames, fps = decode(read_member(shard, parts[media]), media, 1 + (t - 1) * k)
         frames = frames[::k][:t]
         if frames.shape[0] != t:
             raise ValueError(f"{shard} sample {i}: decoded {frames.shape[0]} frames, its probe promised {t}")
