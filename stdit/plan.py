@@ -21,28 +21,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from dataclasses import dataclass
 
 import torch
 
+from parallel.dims import ParallelDims
 from stdit.config import Config, ConfigError, load_config, patched_shape, sample_grid_factors
 from stdit.flops import forward_flops
 from stdit.models.stdit import TP_PLAN, build_model
 
 GIB = 2 ** 30
 HEADROOM = 0.9  # a layout fits when the estimate is below 90% of the GPU: CUDA context, NCCL buffers, fragmentation
-
-
-@dataclass(frozen=True)
-class Layout:
-    tp: int = 1
-    pp: int = 1
-    cp: int = 1
-    dp: int = 1
-    zero: int = 0
-
-    def describe(self) -> str:
-        return f"tp{self.tp}.pp{self.pp}.cp{self.cp}.dp{self.dp}.zero{self.zero}"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -170,7 +158,7 @@ def block_activations(cfg: Config, tp: int, backend: str, recompute: str) -> tup
 OUTSIDE_BLOCKS = 5  # x_embedder output 1; final layer: LayerNorm input 1, modulate 2, linear input 1
 
 
-def activation_bytes(cfg: Config, layout: Layout, device: str) -> dict:
+def activation_bytes(cfg: Config, layout: ParallelDims, device: str) -> dict:
     """Activation memory of the busiest rank (bytes) for one micro-batch of data.token_budget tokens."""
     m, h = cfg.model, cfg.model.hidden_size
     backend = "flash" if device == "cuda" and m.attention_backend in ("auto", "flash_attn", "torch_varlen") \
@@ -199,7 +187,7 @@ def activation_bytes(cfg: Config, layout: Layout, device: str) -> dict:
 # The plan
 # ----------------------------------------------------------------------------------------------------------
 
-def state_bytes(psi: int, layout: Layout, device: str, distributed: bool) -> dict:
+def state_bytes(psi: int, layout: ParallelDims, device: str, distributed: bool) -> dict:
     """Weights, gradients, optimizer state and EMA of one rank holding psi parameters (ZeRO paper's model)."""
     n = layout.dp * layout.cp
     z = layout.zero
@@ -222,9 +210,9 @@ class Planner:
         self.frozen = self.text_params + vae_params(cfg)
         self.flops = flops(cfg, self.text_dim)
 
-    def memory(self, layout: Layout) -> dict:
+    def memory(self, layout: ParallelDims) -> dict:
         """Bytes per GPU by part, and their total."""
-        world = layout.tp * layout.pp * layout.cp * layout.dp
+        world = layout.world_size
         psi = rank_params(self.model, self.cfg.model.depth, layout.tp, layout.pp)
         parts = state_bytes(psi, layout, self.device, world > 1 or layout.zero > 0)
         parts["frozen encoders"] = 4 * self.frozen
@@ -234,7 +222,7 @@ class Planner:
             parts["recomputed block"] = act["recompute"]
         return {"parts": parts, "total": sum(parts.values()), "rank_params": psi, "backend": act["backend"]}
 
-    def layouts(self, world: int) -> list[Layout]:
+    def layouts(self, world: int) -> list[ParallelDims]:
         """Every layout of `world` processes the trainer accepts (tp, cp within a node of 8: heads divide by tp*cp)."""
         m, out = self.cfg.model, []
         for tp in (1, 2, 4, 8):
@@ -245,14 +233,12 @@ class Planner:
                             or pp > m.depth or tp * cp > 8):
                         continue
                     for zero in (0, 1, 2, 3) if pp == 1 else (0, 1):
-                        out.append(Layout(tp, pp, cp, world // grid, zero))
+                        out.append(ParallelDims(world, tp, pp, cp, zero))
         return out
 
 
-def layout_of(cfg: Config, world: int) -> Layout:
-    from parallel.dims import ParallelDims
-    d = ParallelDims.from_config(cfg, world)  # names the keys that do not divide
-    return Layout(d.tp, d.pp, d.cp, d.dp, d.zero)
+def layout_of(cfg: Config, world: int) -> ParallelDims:
+    return ParallelDims.from_config(cfg, world)  # names the keys that do not divide
 
 
 def _fmt(n: float) -> str:
@@ -262,10 +248,10 @@ def _fmt(n: float) -> str:
     return f"{n:.0f}"
 
 
-def report(planner: Planner, layout: Layout, gpu_mem: float | None) -> str:
+def report(planner: Planner, layout: ParallelDims, gpu_mem: float | None) -> str:
     cfg, f = planner.cfg, planner.flops
     mem = planner.memory(layout)
-    world = layout.tp * layout.pp * layout.cp * layout.dp
+    world = layout.world_size
     m, recompute = cfg.model, cfg.model.activation_checkpointing
     model = (f"model: {planner.params:,} parameters ({_fmt(planner.params)}), depth {m.depth}, hidden "
              f"{m.hidden_size}, {m.attention} attention; frozen encoders {_fmt(planner.frozen)}")
@@ -286,7 +272,7 @@ def report(planner: Planner, layout: Layout, gpu_mem: float | None) -> str:
     return "\n".join(lines)
 
 
-def suggestions(planner: Planner, world: int, gpu_mem: float, limit: int = 10) -> list[tuple[Layout, float]]:
+def suggestions(planner: Planner, world: int, gpu_mem: float, limit: int = 10) -> list[tuple[ParallelDims, float]]:
     """Layouts that fit, least model parallelism first (less communication), then the lowest ZeRO stage."""
     fits = [(lay, planner.memory(lay)["total"]) for lay in planner.layouts(world)]
     fits = [(lay, b) for lay, b in fits if b <= HEADROOM * gpu_mem * GIB]

@@ -15,6 +15,7 @@ import pytest
 import torch
 from test_recompute import saved_bytes
 
+from parallel.dims import ParallelDims
 from stdit.cli import main
 from stdit.config import load_config
 from stdit.data.loader import build_dataset
@@ -22,7 +23,7 @@ from stdit.flops import forward_flops
 from stdit.models.stdit import build_model
 from stdit.models.text import TextEncoder
 from stdit.packing import pack
-from stdit.plan import HEADROOM, Layout, Planner
+from stdit.plan import HEADROOM, Planner
 
 GIB = 2 ** 30
 
@@ -62,7 +63,7 @@ def test_tiny_state_matches_the_trainer(tmp_path):
                 "optimizer": nbytes(v for s in trainer.optimizer.state.values() for v in s.values()
                                     if torch.is_tensor(v) and v.dim() > 0),
                 "ema": nbytes(trainer.ema.parameters())}
-    plan = Planner(cfg, "cpu").memory(Layout())
+    plan = Planner(cfg, "cpu").memory(ParallelDims(1))
     assert plan["rank_params"] == sum(p.numel() for p in params)
     for part, value in measured.items():
         assert plan["parts"][part] == pytest.approx(value, rel=1e-3), part
@@ -89,7 +90,7 @@ def test_tiny_activations_match_what_autograd_keeps(mode, attention):
     model = build_model(cfg.model, text.dim)
     t = torch.rand(batch.frame_sample.shape[0])
     kept, _ = saved_bytes(lambda: model(batch.tokens, t, batch))
-    planned = Planner(cfg, "cpu").memory(Layout())["parts"]["activations"]
+    planned = Planner(cfg, "cpu").memory(ParallelDims(1))["parts"]["activations"]
     assert planned == pytest.approx(kept, rel=0.10), f"planned {planned / 2**20:.1f} MiB, kept {kept / 2**20:.1f} MiB"
 
 
@@ -120,7 +121,7 @@ def split_block_params(h, heads, r, tp):
     return 2 * attn + cross + mlp + 9 * h
 
 
-def expected_memory(cfg, lay: Layout, outside_params: int) -> float:
+def expected_memory(cfg, lay: ParallelDims, outside_params: int) -> float:
     """ZeRO paper state (bf16 weights and grads, 12 bytes of fp32 master + Adam) + fp32 EMA + Korthikanti-style
     activations of the factorized block with flash attention (19 + (30 + 2 (r - 4)) / tp elements per token
     per block; selective 19 + 27 / tp ...; full 1 kept + one block recomputed), bf16, in bytes."""
@@ -167,14 +168,14 @@ def test_scale_recipes_plan_by_the_formulas(recipe, gpus, capsys):
     frozen = 4 * got["frozen_params"]
     # the recipe's own layout, part by part, then every suggested layout's total
     p = cfg.parallel
-    lay = Layout(p.tp, p.pp, p.cp, gpus // (p.tp * p.pp * p.cp), p.zero)
+    lay = ParallelDims(gpus, p.tp, p.pp, p.cp, p.zero)
     assert got["layout"] == lay.describe()
     assert got["total"] == pytest.approx(expected_memory(cfg, lay, outside) + frozen, rel=1e-6)
     assert got["total"] <= HEADROOM * 80 * GIB, f"{recipe}: its own layout should fit an 80 GiB GPU"
     assert got["suggestions"], f"{recipe}: no layout suggested"
     for s in got["suggestions"]:
         tp, pp, cp, dp, zero = (int(x.lstrip("tpcdzero")) for x in s["layout"].split("."))
-        lay = Layout(tp, pp, cp, dp, zero)
+        lay = ParallelDims(tp * pp * cp * dp, tp, pp, cp, zero)
         assert tp * pp * cp * dp == gpus and m.num_heads % (tp * cp) == 0
         assert s["total"] == pytest.approx(expected_memory(cfg, lay, outside) + frozen, rel=1e-6), s["layout"]
         assert s["total"] <= HEADROOM * 80 * GIB
