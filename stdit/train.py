@@ -81,7 +81,8 @@ def plan_step(text_encoder, samples, step: int, cfg: Config, shard: Shard = Shar
         counts = [math.prod(g) for g in grids]
         plan = StepPlan([s.sample_id for s in samples], plan_microbatches(counts, budget), counts, grids)
         samples = [samples[i] for j in plan.share(shard.dp_rank, shard.dp_size) for i in plan.bins[j]]
-    shares = plan.share(shard.dp_rank, shard.dp_size)
+    every = plan.shares(shard.dp_size)
+    shares = every[shard.dp_rank]
     order = [i for j in shares for i in plan.bins[j]]
     if [s.sample_id for s in samples] != [plan.ids[i] for i in order]:
         raise RuntimeError(f"step {step}: the loaded samples are not this rank's share of the step's plan")
@@ -101,7 +102,7 @@ def plan_step(text_encoder, samples, step: int, cfg: Config, shard: Shard = Shar
                      budget, sample_ids=[samples[k].sample_id for k in ks],
                      cond_frames=[conds[i] for i in plan.bins[j]])
         mine.append((batch, [draws[k] for k in ks]))
-    most = max(len(plan.share(r, shard.dp_size)) for r in range(shard.dp_size))
+    most = max(map(len, every))
     mine += [_filler(budget, cfg.model.in_channels, patch, text_encoder.dim)] * (most - len(mine))
     real = sum(plan.tokens)
     flops = 3 * forward_flops(cfg.model, text_encoder.dim, [plan.grids[i] for i in order],

@@ -61,9 +61,12 @@ class StepPlan:
     tokens: list[int]
     grids: list[tuple[int, int, int]]
 
+    def shares(self, dp_size: int) -> list[list[int]]:
+        """The micro-batches (indices into bins) each of `dp_size` data-parallel ranks trains on."""
+        return assign_microbatches([sum(self.tokens[i] for i in b) for b in self.bins], dp_size)
+
     def share(self, dp_rank: int, dp_size: int) -> list[int]:
-        """The micro-batches (indices into bins) data-parallel rank `dp_rank` of `dp_size` trains on."""
-        return assign_microbatches([sum(self.tokens[i] for i in b) for b in self.bins], dp_size)[dp_rank]
+        return self.shares(dp_size)[dp_rank]
 
 
 def assign_microbatches(tokens: list[int], dp: int) -> list[list[int]]:
