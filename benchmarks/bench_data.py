@@ -24,7 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without `pip install -e .`
 from stdit.config import load_config  # noqa: E402
 from stdit.data.loader import StepSampler, build_dataset  # noqa: E402
-from stdit.packing import grid_of, pack  # noqa: E402
+from stdit.grid import token_grid  # noqa: E402
+from stdit.packing import pack  # noqa: E402
 
 
 def make_clips(folder: Path, count: int, seed: int = 0) -> None:
@@ -62,7 +63,7 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory()
     pattern = args.shards
     if pattern is None:
-        from stdit.data.shard import shard
+        from stdit.data.ingest import shard
         src = Path(tmp.name) / "src"
         src.mkdir()
         make_clips(src, args.clips)
@@ -76,11 +77,11 @@ def main() -> None:
                              f"data.token_budget={args.token_budget}", f"data.micro_batches={args.micro_batches}",
                              f"data.lookahead={args.lookahead}", "data.batch_size=1"])
     dataset = build_dataset(cfg.data, 0)
-    token_grid = lambda shape: grid_of(shape, patch)  # noqa: E731
+    grid = lambda shape: token_grid(shape, patch)  # noqa: E731
     print(f"{len(dataset)} samples from {pattern}; token budget {args.token_budget} x {args.micro_batches} "
           f"micro-batches per step, look-ahead {args.lookahead}")
 
-    planner = StepSampler(dataset, cfg.data, 0, token_grid)
+    planner = StepSampler(dataset, cfg.data, 0, grid)
     start = time.perf_counter()
     plans = [planner.plan(s) for s in range(args.steps)]
     plan_s = time.perf_counter() - start
@@ -89,7 +90,7 @@ def main() -> None:
     print(f"planning: {plan_s / args.steps * 1e3:.2f} ms/step, padding {padding:.4f}")
     print(f"{'workers':>7} {'frames/s':>10} {'per worker':>10} {'tokens/s':>10} {'per worker':>10}")
     for workers in [int(w) for w in args.workers.split(",")]:
-        sampler = StepSampler(dataset, cfg.data, 0, token_grid, workers)
+        sampler = StepSampler(dataset, cfg.data, 0, grid, workers)
         sampler.samples(0)  # start the workers outside the timing
         frames = tokens = 0
         start = time.perf_counter()

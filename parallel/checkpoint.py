@@ -27,10 +27,10 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from parallel.engine import _full, _local, _zero3, gather_tp, slice_tp, zero3_partition
+from parallel.gather import full as full_of
+from parallel.gather import gather_tp, is_zero3, local, slice_tp, zero3_partition
 
 OPTIM_KEYS = ("exp_avg", "exp_avg_sq")
-ENGINE_TAG = "state"
 
 
 class CheckpointError(RuntimeError):
@@ -143,7 +143,7 @@ def _optimizer_state_full(p, key: str, optimizer, stepped: bool) -> torch.Tensor
     from deepspeed.utils import safe_get_full_optimizer_state
     if not stepped:
         value = torch.zeros_like(_full_shape_local(p))
-    elif _zero3(p) or hasattr(p, "_hp_mapping"):
+    elif is_zero3(p) or hasattr(p, "_hp_mapping"):
         value = safe_get_full_optimizer_state(p, key)  # gathered over the ZeRO partitions
     else:
         value = base_optimizer(optimizer).state[p][key]
@@ -152,14 +152,14 @@ def _optimizer_state_full(p, key: str, optimizer, stepped: bool) -> torch.Tensor
 
 def _full_shape_local(p) -> torch.Tensor:
     """An empty-valued tensor shaped like p's TP-local tensor (ZeRO-3 keeps p.data empty)."""
-    return torch.empty(p.ds_shape, dtype=torch.float32, device=p.ds_tensor.device) if _zero3(p) else p.data.float()
+    return torch.empty(p.ds_shape, dtype=torch.float32, device=p.ds_tensor.device) if is_zero3(p) else p.data.float()
 
 
 def _weight_full(p) -> torch.Tensor:
     """Full fp32 weight: ZeRO's fp32 master where there is one, else the module's tensor (collective)."""
     from deepspeed.utils import safe_get_full_fp32_param
-    master = safe_get_full_fp32_param(p) if (_zero3(p) or hasattr(p, "_hp_mapping")) else None
-    return gather_tp(p, master) if master is not None else _full(p, _local(p))
+    master = safe_get_full_fp32_param(p) if (is_zero3(p) or hasattr(p, "_hp_mapping")) else None
+    return gather_tp(p, master) if master is not None else full_of(p, local(p))
 
 
 def write_full(tmp: Path, named_params: list, ema: list, optimizer, rank_in_stage: int, stage_size: int) -> None:
@@ -167,7 +167,7 @@ def write_full(tmp: Path, named_params: list, ema: list, optimizer, rank_in_stag
     parameters are written round-robin by the stage's ranks, so no rank holds more than its share."""
     mine, stepped = {}, optimizer_step(optimizer) > 0
     for i, ((name, p), e) in enumerate(zip(named_params, ema)):
-        entries = {"model": _weight_full(p), "ema": _full(p, e),
+        entries = {"model": _weight_full(p), "ema": full_of(p, e),
                    **{k: _optimizer_state_full(p, k, optimizer, stepped) for k in OPTIM_KEYS}}
         if i % stage_size == rank_in_stage:
             mine.update({f"{kind}/{name}": t.float() for kind, t in entries.items()})
@@ -308,7 +308,7 @@ def load_full_state(full: FullTensors, named_params: list, ema: list, optimizer,
     for (name, p), e in zip(named_params, ema):
         weight = slice_tp(p, full.get("model", name))
         values = {k: slice_tp(p, full.get(k, name)).to(e.device) for k in OPTIM_KEYS}
-        if _zero3(p):
+        if is_zero3(p):
             # DeepSpeed's stage-3 setter narrows past the end of an unevenly split tensor: slice it ourselves
             for key, v in [(None, weight), *values.items()]:
                 part, _ = optimizer._get_fp32_opt_state_partition(p, release_swap_buffers=False, optim_state_key=key)
@@ -321,7 +321,7 @@ def load_full_state(full: FullTensors, named_params: list, ema: list, optimizer,
             for k, v in values.items():
                 base.state[p][k].copy_(v)
         ema_full = slice_tp(p, full.get("ema", name))
-        e.copy_(zero3_partition(p, ema_full) if _zero3(p) else ema_full.view_as(e))
+        e.copy_(zero3_partition(p, ema_full) if is_zero3(p) else ema_full.view_as(e))
 
 
 # ----------------------------------------------------------------------------------------------------------

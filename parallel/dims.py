@@ -1,14 +1,24 @@
-"""ParallelDims: the process grid tp x cp x dp x pp, validated before any process-group work.
+"""ParallelDims: the process grid tp x cp x dp x pp — its sizes, its rank order and its process groups.
 
-megatron-core's `parallel_state` builds the groups (order tp-cp-dp-pp: tensor-parallel ranks are adjacent);
-`MegatronMPU` exposes them under the names DeepSpeed's `mpu` argument expects, so both engines agree who is who.
+The one place that says who is who. Ranks are laid out in the order tp-cp-dp-pp (tensor-parallel ranks adjacent,
+pipeline stages outermost); megatron-core's `parallel_state` builds the groups in that order, DeepSpeed gets the
+same order as its `mpu` (no pipeline) or its pipeline topology, so every engine agrees. Callers ask
+`dims.rank("dp")`, `dims.group("dp_cp")`, ... and never read megatron-core's globals themselves.
+
+Dimension names: tp, cp, dp, pp; `dp_cp` is data x context (where gradients are averaged: context ranks hold the
+same weights and see different tokens); `stage` is the ranks of one pipeline stage; `world` is everyone.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
-from stdit.config import ConfigError
+ORDER = ("tp", "cp", "dp", "pp")  # fastest-varying first
+
+
+class LayoutError(ValueError):
+    """A layout that cannot be built; the message names the parallel.* key to change."""
 
 
 @dataclass(frozen=True)
@@ -21,44 +31,121 @@ class ParallelDims:
     cp: int = 1
     zero: int = 0
 
+    def __post_init__(self):
+        for key in ("tp", "pp", "cp"):
+            if getattr(self, key) < 1:
+                raise LayoutError(f"parallel.{key} must be >= 1, got {getattr(self, key)}")
+        grid = self.tp * self.pp * self.cp
+        if self.world_size % grid:
+            raise LayoutError(f"parallel.tp * parallel.pp * parallel.cp = {self.tp}*{self.pp}*{self.cp} = {grid} "
+                              f"does not divide the world size {self.world_size}; launch a multiple of {grid} "
+                              "processes or change them")
+        if self.zero not in (0, 1, 2, 3):
+            raise LayoutError(f"parallel.zero must be 0, 1, 2 or 3, got {self.zero}")
+        if self.pp > 1 and self.zero > 1:
+            raise LayoutError(f"parallel.zero={self.zero} cannot be combined with parallel.pp={self.pp}: "
+                              "DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only")
+
     @property
     def dp(self) -> int:
         return self.world_size // (self.tp * self.pp * self.cp)
 
-    @classmethod
-    def from_config(cls, cfg, world_size: int) -> "ParallelDims":
-        """Validate `parallel.*` against the world size and the model; errors name the keys to change."""
-        p, m = cfg.parallel, cfg.model
-        dims = cls(world_size, p.tp, p.pp, p.cp, p.zero)
-        grid = p.tp * p.pp * p.cp
-        if world_size % grid:
-            raise ConfigError(f"parallel.tp * parallel.pp * parallel.cp = {p.tp}*{p.pp}*{p.cp} = {grid} does not divide "
-                              f"the world size {world_size}; launch a multiple of {grid} processes or change them")
-        if m.num_heads % (p.tp * p.cp):
-            raise ConfigError(f"model.num_heads={m.num_heads} is not divisible by parallel.tp * parallel.cp = "
-                              f"{p.tp * p.cp}; heads are split over both")
-        if cfg.data.token_budget % p.cp:
-            raise ConfigError(f"data.token_budget={cfg.data.token_budget} is not divisible by parallel.cp={p.cp}; "
-                              "each context-parallel rank holds an equal slice of the packed sequence")
-        if cfg.data.micro_batches % dims.dp:
-            raise ConfigError(f"data.micro_batches={cfg.data.micro_batches} packed micro-batches per step do not "
-                              f"divide over {dims.dp} data-parallel ranks; use a multiple of {dims.dp} so each "
-                              "rank gets the same number of tokens")
-        if p.pp > m.depth:
-            raise ConfigError(f"parallel.pp={p.pp} stages cannot split model.depth={m.depth} blocks; "
-                              f"use parallel.pp <= {m.depth}")
-        if p.pp > 1 and p.zero > 1:
-            raise ConfigError(f"parallel.zero={p.zero} cannot be combined with parallel.pp={p.pp}: DeepSpeed's "
-                              "pipeline engine supports ZeRO stage 0 or 1 only")
-        return dims
+    @property
+    def distributed(self) -> bool:
+        """Whether the run needs process groups and DeepSpeed (several processes, or ZeRO on one)."""
+        return self.world_size > 1 or self.zero > 0
 
     def describe(self) -> str:
         return f"tp{self.tp}.pp{self.pp}.cp{self.cp}.dp{self.dp}.zero{self.zero}"
 
+    # ---- ranks --------------------------------------------------------------------------------------------
+    def sizes(self) -> dict[str, int]:
+        return {"tp": self.tp, "cp": self.cp, "dp": self.dp, "pp": self.pp}
 
-# ----------------------------------------------------------------------------------------------------------
-# Process groups
-# ----------------------------------------------------------------------------------------------------------
+    def coords_of(self, global_rank: int) -> dict[str, int]:
+        """This grid's coordinates of a global rank, in the order tp-cp-dp-pp."""
+        out, rest = {}, global_rank
+        for name in ORDER:
+            out[name], rest = rest % self.sizes()[name], rest // self.sizes()[name]
+        return out
+
+    def global_rank(self) -> int:
+        import torch.distributed as dist
+        return dist.get_rank() if dist.is_initialized() else 0
+
+    def rank(self, dim: str) -> int:
+        """This process's rank along `dim` (tp, cp, dp, pp, dp_cp, stage, world)."""
+        r = self.global_rank()
+        c = self.coords_of(r)
+        if dim in c:
+            return c[dim]
+        if dim == "dp_cp":
+            return c["cp"] + self.cp * c["dp"]
+        if dim == "stage":
+            return r % (self.world_size // self.pp)
+        if dim == "world":
+            return r
+        raise KeyError(f"unknown parallel dimension {dim!r}")
+
+    def size(self, dim: str) -> int:
+        extra = {"dp_cp": self.dp * self.cp, "stage": self.world_size // self.pp, "world": self.world_size}
+        return {**self.sizes(), **extra}[dim]
+
+    def is_last_stage(self) -> bool:
+        return self.rank("pp") == self.pp - 1
+
+    def group(self, dim: str):
+        """The process group of `dim` (None on a single process: collectives are skipped there)."""
+        import torch.distributed as dist
+        if not dist.is_initialized():
+            return None
+        if dim == "world":
+            return dist.group.WORLD
+        from megatron.core import parallel_state as ps
+        return {"tp": ps.get_tensor_model_parallel_group, "cp": ps.get_context_parallel_group,
+                "dp": ps.get_data_parallel_group, "pp": ps.get_pipeline_model_parallel_group,
+                "dp_cp": lambda: ps.get_data_parallel_group(with_context_parallel=True)}[dim]()
+
+    def pipeline_topology(self):
+        """DeepSpeed's pipeline grid in this rank order: stages outermost, then data x context, tensor fastest."""
+        from deepspeed.runtime.pipe.topology import ProcessTopology
+        return ProcessTopology(axes=["pipe", "data", "model"], dims=[self.pp, self.dp * self.cp, self.tp])
+
+    # ---- process groups -----------------------------------------------------------------------------------
+    def init(self, timeout_s: float = 1800.0) -> None:
+        """Join the process group and build the grid. One group serves CPU tensors (gloo) and, with CUDA, GPU
+        tensors (nccl), so a collective on either device works; megatron-core then builds tp x cp x dp x pp.
+        Nothing to do where the layout is not distributed."""
+        if not self.distributed:
+            return
+        import torch
+        import torch.distributed as dist
+        from megatron.core import parallel_state
+
+        rank, world, local_rank = launch_env()
+        if world != self.world_size:
+            raise LayoutError(f"the layout was built for {self.world_size} processes but {world} were launched")
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        # DeepSpeed reads these; under srun only SLURM_* are set
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank))
+        if not dist.is_initialized():
+            os.environ.setdefault("MASTER_ADDR", os.environ.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1"))
+            os.environ.setdefault("MASTER_PORT", "29500")
+            dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", rank=rank, world_size=world,
+                                    timeout=timedelta(seconds=timeout_s))
+        import deepspeed
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")  # wraps the same process group
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=self.tp, pipeline_model_parallel_size=self.pp,
+            context_parallel_size=self.cp, order="-".join(ORDER))
+        mine = self.coords_of(rank)
+        theirs = {"tp": parallel_state.get_tensor_model_parallel_rank(), "cp": parallel_state.get_context_parallel_rank(),
+                  "dp": parallel_state.get_data_parallel_rank(), "pp": parallel_state.get_pipeline_model_parallel_rank()}
+        if mine != theirs:
+            raise RuntimeError(f"rank {rank}: megatron-core placed it at {theirs}, ParallelDims at {mine}")
+
 
 def launch_env() -> tuple[int, int, int]:
     """(rank, world size, local rank) from torchrun / the deepspeed launcher (RANK...) or srun (SLURM_PROCID...)."""
@@ -70,71 +157,44 @@ def launch_env() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
-def init_distributed(dims: ParallelDims, backend: str | None = None) -> None:
-    """Join the process group (gloo on CPU, nccl on GPU) and build megatron-core's tp x cp x dp x pp grid."""
-    import torch
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    rank, world, local_rank = launch_env()
-    if world != dims.world_size:
-        raise ConfigError(f"ParallelDims was built for {dims.world_size} processes but {world} were launched")
-    if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(local_rank)
-    # DeepSpeed reads these; under srun only SLURM_* are set
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank))
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", os.environ.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1"))
-        os.environ.setdefault("MASTER_PORT", "29500")
-        dist.init_process_group(backend, rank=rank, world_size=world)
-    import deepspeed
-    deepspeed.init_distributed(dist_backend=backend)  # DeepSpeed's comm layer wraps the same process group
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=dims.tp, pipeline_model_parallel_size=dims.pp,
-        context_parallel_size=dims.cp, order="tp-cp-dp-pp")
-
-
 class MegatronMPU:
-    """megatron-core's groups under the names DeepSpeed's `mpu` expects.
+    """The grid under the names DeepSpeed's `mpu` expects.
 
-    DeepSpeed's 'data parallel' group is where gradients are averaged: data x context ranks, since context
-    ranks hold the same weights and see different tokens. Its 'model parallel' group is the tensor group
-    (ZeRO's gradient-norm counts a TP-sharded parameter on every TP rank, a replicated one once).
+    DeepSpeed's 'data parallel' group is where gradients are averaged: data x context ranks. Its 'model
+    parallel' group is the tensor group (ZeRO's gradient norm counts a TP-sharded parameter on every TP rank, a
+    replicated one once).
     """
 
-    def __init__(self):
-        from megatron.core import parallel_state
-        self.ps = parallel_state
+    def __init__(self, dims: ParallelDims):
+        self.dims = dims
 
     def get_model_parallel_group(self):
-        return self.ps.get_tensor_model_parallel_group()
+        return self.dims.group("tp")
 
     def get_model_parallel_world_size(self):
-        return self.ps.get_tensor_model_parallel_world_size()
+        return self.dims.tp
 
     def get_model_parallel_rank(self):
-        return self.ps.get_tensor_model_parallel_rank()
+        return self.dims.rank("tp")
 
     get_tensor_model_parallel_group = get_model_parallel_group
     get_tensor_model_parallel_world_size = get_model_parallel_world_size
     get_tensor_model_parallel_rank = get_model_parallel_rank
 
     def get_data_parallel_group(self):
-        return self.ps.get_data_parallel_group(with_context_parallel=True)
+        return self.dims.group("dp_cp")
 
     def get_data_parallel_world_size(self):
-        return self.ps.get_data_parallel_world_size(with_context_parallel=True)
+        return self.dims.size("dp_cp")
 
     def get_data_parallel_rank(self):
-        return self.ps.get_data_parallel_rank(with_context_parallel=True)
+        return self.dims.rank("dp_cp")
 
     def get_pipeline_model_parallel_group(self):
-        return self.ps.get_pipeline_model_parallel_group()
+        return self.dims.group("pp")
 
     def get_pipeline_model_parallel_world_size(self):
-        return self.ps.get_pipeline_model_parallel_world_size()
+        return self.dims.pp
 
     def get_pipeline_model_parallel_rank(self):
-        return self.ps.get_pipeline_model_parallel_rank()
+        return self.dims.rank("pp")

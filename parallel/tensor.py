@@ -1,6 +1,6 @@
-"""Tensor parallelism: swap the plain model's nn.Linear for megatron-core Column/RowParallelLinear by a plan.
+"""Tensor parallelism: swap the plain model's nn.Linear for megatron-core Column/RowParallelLinear by style.
 
-The plan (module suffix -> "column" | "row") lives next to the model (`stdit.models.stdit.TP_PLAN`). Weights
+The styles (module suffix -> "column" | "row") are the model's knowledge (`stdit/parallelize.py`). Weights
 are copied from the full, already initialised layer, so a tp=N model equals the tp=1 model of the same seed.
 """
 from __future__ import annotations
@@ -66,8 +66,8 @@ def _all_reduce_grad_over_tp(param: nn.Parameter) -> None:
     param.register_hook(hook)
 
 
-def apply_tp(model: nn.Module, plan: dict[str, str], head_shared: tuple[str, ...] = ()) -> nn.Module:
-    """Replace every Linear whose qualified name ends with a plan key by its tensor-parallel shard, in place.
+def apply_tp(model: nn.Module, styles: dict[str, str], head_shared: tuple[str, ...] = ()) -> nn.Module:
+    """Replace every Linear whose qualified name ends with a key of `styles` by its tensor-parallel shard, in place.
 
     `head_shared` names replicated parameters used per head (QK-norm weights) whose gradients are summed over TP.
     """
@@ -80,9 +80,9 @@ def apply_tp(model: nn.Module, plan: dict[str, str], head_shared: tuple[str, ...
     config = ModelParallelConfig(tensor_model_parallel_size=tp, use_cpu_initialization=True,
                                  perform_initialization=False, params_dtype=torch.float32, sequence_parallel=False)
     targets = [(name, m) for name, m in model.named_modules()
-               if isinstance(m, nn.Linear) and any(name == k or name.endswith("." + k) for k in plan)]
+               if isinstance(m, nn.Linear) and any(name == k or name.endswith("." + k) for k in styles)]
     for name, linear in targets:
-        style = next(v for k, v in plan.items() if name == k or name.endswith("." + k))
+        style = next(v for k, v in styles.items() if name == k or name.endswith("." + k))
         if (linear.weight.shape[0] if style == "column" else linear.weight.shape[1]) % tp:
             raise ValueError(f"{name}: {tuple(linear.weight.shape)} does not split over parallel.tp={tp}")
         parent_name, _, child = name.rpartition(".")

@@ -1,4 +1,6 @@
-"""`stdit train | generate`: the console entry point."""
+"""`stdit COMMAND ...`: the console entry point. It only dispatches to stdit/commands/<command>.py and turns the
+errors a user can fix (bad config, damaged checkpoint, missing or existing files) into `stdit CMD: error: ...`,
+exit status 2. The commands are imported when chosen, so `stdit plan` does not load the trainer."""
 from __future__ import annotations
 
 import sys
@@ -31,45 +33,34 @@ def main(argv: list[str] | None = None) -> None:
     from stdit.config import ConfigError
     try:
         if command == "train":
-            from stdit import train
+            from stdit.commands import train
             train.main(rest)
         elif command == "generate":
-            from stdit import generate
+            from stdit.commands import generate
             generate.main(rest)
         elif command == "vae":
-            from stdit import autoencoder
-            autoencoder.main(rest)
+            from stdit.commands import vae
+            vae.main(rest)
         elif command == "data" and rest[:1] == ["shard"]:
-            from stdit.data import shard
-            shard.main(rest[1:])
+            from stdit.commands import data
+            data.shard(rest[1:])
         elif command == "data" and rest[:1] == ["cache"]:
-            from stdit.data import cache
-            cache.main(rest[1:])
+            from stdit.commands import data
+            data.cache(rest[1:])
         elif command == "ckpt":
-            ckpt(rest)
+            from stdit.commands import ckpt
+            ckpt.main(rest)
         elif command == "slurm":
-            from stdit import slurm
+            from stdit.commands import slurm
             slurm.main(rest)
         elif command == "plan":
-            from stdit import plan
+            from stdit.commands import plan
             plan.main(rest)
         else:
             print(f"stdit: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
             raise SystemExit(2)
     except (ConfigError, CheckpointError, FileNotFoundError, FileExistsError) as e:
         print(f"stdit {command}: error: {e}", file=sys.stderr)
-        raise SystemExit(2)
-
-
-def ckpt(argv: list[str]) -> None:
-    from parallel import checkpoint
-    if len(argv) == 2 and argv[0] == "info":
-        print(checkpoint.describe(argv[1]))
-    elif len(argv) == 3 and argv[0] == "export":
-        out = checkpoint.export(argv[1], argv[2])
-        print(f"wrote {out}/ema.safetensors, model.safetensors, config.yaml (stdit generate --run {out} ...)")
-    else:
-        print(f"usage: stdit ckpt info PATH | stdit ckpt export PATH OUT\n\n{USAGE}", file=sys.stderr)
         raise SystemExit(2)
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
+from stdit.grid import token_grid
+
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the key and what to change."""
@@ -320,12 +322,6 @@ def _check(ok: bool, key: str, msg: str) -> None:
         raise ConfigError(f"{key}: {msg}")
 
 
-def patched_shape(cfg: ModelConfig, t: int, h: int, w: int) -> tuple[int, int, int]:
-    """Token grid of a (T, H, W) video under the model's patch size."""
-    pt, ph, pw = cfg.patch_size
-    return t // pt, h // ph, w // pw
-
-
 def validate(cfg: Config) -> None:
     """Fail before any heavy work, naming the key and what to change."""
     m, d, o, p = cfg.model, cfg.data, cfg.optim, cfg.parallel
@@ -386,28 +382,48 @@ def validate(cfg: Config) -> None:
 
 
 def compression_factors(v: VAEConfig) -> tuple[int, int]:
-    """(time, space) compression of an autoencoder: 2 per temporal downsampling, 2 per level after the first."""
+    """(time, space) compression of an autoencoder -- the `factors` of stdit.grid: 2 per temporal downsampling,
+    2 per level after the first."""
     return 2 ** sum(bool(t) for t in v.temporal_down), 2 ** (len(v.channel_mult) - 1)
 
 
 def sample_grid_factors(cfg: Config) -> tuple[int, int]:
-    """(time, space) factor from a data clip to what the DiT sees: (1, 1) in pixels, the VAE's with model.vae."""
+    """stdit.grid `factors` from a data clip to what the DiT sees: (1, 1) in pixels, the VAE's with model.vae."""
     return (1, 1) if cfg.model.vae is None else compression_factors(vae_config_of(cfg.model.vae))
 
 
+def sample_token_grids(cfg: Config) -> list[tuple[int, int, int]]:
+    """Token grid of every (frame count, resolution) clip data.* allows (ValueError if one does not fit)."""
+    factors = sample_grid_factors(cfg)
+    return [token_grid((t, h, w), cfg.model.patch_size, factors)
+            for t in cfg.data.frame_counts for h, w in cfg.data.resolutions]
+
+
+def _fits(shape, patch_size, factors) -> bool:
+    try:
+        token_grid(shape, patch_size, factors)
+        return True
+    except ValueError:
+        return False
+
+
 def validate_dit_data(cfg: Config) -> None:
+    """Every data clip shape gives a whole token grid that fits data.token_budget.
+
+    A frame count is checked with the smallest valid sides (one patch) and a resolution with the smallest valid
+    frame count, so the error names the one key to change."""
     m, d = cfg.model, cfg.data
-    ft, fs = sample_grid_factors(cfg)
+    factors = sample_grid_factors(cfg)
+    (ft, fs), (pt, ph, pw) = factors, m.patch_size
+    squeeze = f" after the autoencoder's {ft}x{fs}x{fs} compression" if (ft, fs) != (1, 1) else ""
     for hw in d.resolutions:
-        _check(len(hw) == 2 and hw[0] % (fs * m.patch_size[1]) == 0 and hw[1] % (fs * m.patch_size[2]) == 0,
-               "data.resolutions", f"{hw} is not (H, W) divisible by the patch (ph, pw)={m.patch_size[1:]}"
-               + (f" times the autoencoder's {fs}x compression" if fs > 1 else ""))
+        _check(len(hw) == 2 and _fits((1 + ft * (pt - 1), *hw), m.patch_size, factors), "data.resolutions",
+               f"{hw} is not (H, W) divisible by the patch (ph, pw)={m.patch_size[1:]}{squeeze}")
     for t in d.frame_counts:
-        _check(t >= 1 and (t - 1) % ft == 0 and (1 + (t - 1) // ft) % m.patch_size[0] == 0, "data.frame_counts",
+        _check(_fits((t, fs * ph, fs * pw), m.patch_size, factors), "data.frame_counts",
                f"frame count {t} must be >= 1" + (f", 1 + {ft}k for the autoencoder" if ft > 1 else "")
-               + f" and give a (latent) frame count divisible by the temporal patch model.patch_size[0]={m.patch_size[0]}")
-    largest = max(math.prod(patched_shape(m, 1 + (t - 1) // ft, h // fs, w // fs))
-                  for t in d.frame_counts for h, w in d.resolutions)
+               + f" and give a (latent) frame count divisible by the temporal patch model.patch_size[0]={pt}")
+    largest = max(math.prod(g) for g in sample_token_grids(cfg))
     _check(d.token_budget >= largest, "data.token_budget",
            f"{d.token_budget} tokens cannot hold the largest sample ({largest} tokens); raise it to >= {largest} "
            "or drop the largest entries of data.resolutions / data.frame_counts")
@@ -422,9 +438,10 @@ def validate_vae(cfg: Config) -> None:
            f"{v.norm_groups} must divide every level's width vae.base_channels * vae.channel_mult")
     ft, fs = compression_factors(v)
     for t in d.frame_counts:
-        _check((t - 1) % ft == 0, "data.frame_counts", f"frame count {t} must be 1 + {ft}k for the autoencoder")
+        _check(_fits((t, fs, fs), (1, 1, 1), (ft, fs)), "data.frame_counts",
+               f"frame count {t} must be 1 + {ft}k for the autoencoder")
     for hw in d.resolutions:
-        _check(len(hw) == 2 and hw[0] % fs == 0 and hw[1] % fs == 0, "data.resolutions",
+        _check(len(hw) == 2 and _fits((1, *hw), (1, 1, 1), (ft, fs)), "data.resolutions",
                f"{hw} must be (H, W) multiples of the autoencoder's {fs}x spatial compression")
     _check(v.tile_size % fs == 0 and v.tile_overlap % fs == 0 and v.tile_overlap < max(v.tile_size, 1),
            "vae.tile_size", f"vae.tile_size and vae.tile_overlap must be multiples of {fs}, overlap < size")
@@ -432,3 +449,29 @@ def validate_vae(cfg: Config) -> None:
            "set parallel.tp, parallel.pp and parallel.cp to 1")
     _check(v.perceptual_weight == 0 or v.perceptual_net is not None, "vae.perceptual_net",
            "vae.perceptual_weight > 0 needs a local TorchScript feature network in vae.perceptual_net")
+
+
+def validate_layout(cfg: Config, world_size: int):
+    """The parallel.* layout against the world size, the model and the data; the trainer, `stdit plan` (every
+    candidate of --suggest) and `stdit slurm submit` all ask here, so they accept the same layouts. Returns the
+    ParallelDims (which checks the layout's integers themselves)."""
+    from parallel.dims import LayoutError, ParallelDims
+    p, m, d = cfg.parallel, cfg.model, cfg.data
+    try:
+        dims = ParallelDims(world_size, p.tp, p.pp, p.cp, p.zero)
+    except LayoutError as e:
+        raise ConfigError(str(e)) from None
+    if m.num_heads % (p.tp * p.cp):
+        raise ConfigError(f"model.num_heads={m.num_heads} is not divisible by parallel.tp * parallel.cp = "
+                          f"{p.tp * p.cp}; heads are split over both")
+    if d.token_budget % p.cp:
+        raise ConfigError(f"data.token_budget={d.token_budget} is not divisible by parallel.cp={p.cp}; "
+                          "each context-parallel rank holds an equal slice of the packed sequence")
+    if d.micro_batches % dims.dp:
+        raise ConfigError(f"data.micro_batches={d.micro_batches} packed micro-batches per step do not divide over "
+                          f"{dims.dp} data-parallel ranks; use a multiple of {dims.dp} so each rank gets the same "
+                          "number of tokens")
+    if p.pp > m.depth:
+        raise ConfigError(f"parallel.pp={p.pp} stages cannot split model.depth={m.depth} blocks; "
+                          f"use parallel.pp <= {m.depth}")
+    return dims

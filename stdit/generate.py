@@ -1,19 +1,16 @@
-"""Sampling to video files with the EMA weights of a run (or an exported checkpoint directory)."""
+"""Generation from a trained run: its model and text encoder rebuilt from a checkpoint (or an exported checkpoint
+directory), and conditioning clips for sample_videos. `stdit generate`: stdit/commands/generate.py."""
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from parallel import checkpoint
 from stdit.config import load_config
-from stdit.data.video import to_uint8, write_video
-from stdit.diffusion.sampler import sample_videos
+from stdit.device import resolve_device
 from stdit.models.stdit import build_model
 from stdit.models.text import TextEncoder
-from stdit.train import resolve_device
 
 
 def find_checkpoint(path: Path) -> Path:
@@ -68,61 +65,3 @@ def load_for_generation(run: str | Path, device: str = "auto", weights: str = "e
     model = build_model(cfg.model, text_encoder.dim)
     checkpoint.load_weights(model, ckpt, weights)
     return model.to(dev).eval(), text_encoder, cfg
-
-
-def main(argv: list[str] | None = None) -> Path:
-    ap = argparse.ArgumentParser(prog="stdit generate", description=__doc__)
-    ap.add_argument("--run", required=True, help="run directory (uses its latest checkpoint) or checkpoint directory")
-    ap.add_argument("--prompt", required=True)
-    ap.add_argument("--frames", type=int, default=8)
-    ap.add_argument("--height", type=int, default=24)
-    ap.add_argument("--width", type=int, default=24)
-    ap.add_argument("--fps", type=float, default=8.0)
-    ap.add_argument("--steps", type=int, default=None, help="Euler steps (default: diffusion.sample_steps)")
-    ap.add_argument("--cfg-scale", type=float, default=None, help="guidance scale (default: diffusion.cfg_scale)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--weights", choices=["ema", "model"], default="ema")
-    ap.add_argument("--upscale", type=int, default=4, help="nearest-neighbour upscaling of the written video")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--out", required=True, help="output file: .mp4 (H.264 via PyAV) or .gif")
-    ap.add_argument("--condition", help="image or video whose first --cond-frames frames start the clip "
-                    "(image-to-video, continuation); resized and centre-cropped to --height x --width")
-    ap.add_argument("--cond-frames", type=int, default=1, help="frames of --condition given (default 1)")
-    args = ap.parse_args(argv)
-
-    model, text_encoder, cfg = load_for_generation(args.run, args.device, args.weights)
-    shape = (args.frames, args.height, args.width)
-    vae = None
-    if cfg.model.vae is not None:  # the DiT denoises latents: sample the latent shape, then decode
-        from stdit.autoencoder import load_vae
-        vae = load_vae(cfg.model.vae, next(model.parameters()).device)
-        try:
-            shape = vae.latent_shape(*shape)
-        except ValueError as e:
-            ap.error(f"--frames/--height/--width: {e}")
-    pt, ph, pw = cfg.model.patch_size
-    if shape[0] % pt or shape[1] % ph or shape[2] % pw:
-        ap.error(f"--frames/--height/--width must be divisible by the patch size {cfg.model.patch_size}"
-                 + (" after the autoencoder's compression" if vae is not None else ""))
-    condition = None
-    if args.condition is not None:
-        try:
-            condition = condition_of(args.condition, args.cond_frames, (args.frames, args.height, args.width),
-                                     cfg.model.patch_size, vae)
-        except ValueError as e:
-            ap.error(f"--condition: {e}")
-    steps = args.steps or cfg.diffusion.sample_steps
-    with tqdm(total=steps, desc="sample", mininterval=1.0) as bar:
-        (video,) = sample_videos(model, text_encoder, [args.prompt], [shape], cfg.model, cfg.diffusion,
-                                 seed=args.seed, fps=args.fps, steps=steps, cfg_scale=args.cfg_scale, progress=bar,
-                                 conditions=[condition])
-    if vae is not None:
-        video = vae.decode(video[None].to(next(vae.parameters()).device), tiled=True)[0].cpu()
-    out = write_video(args.out, to_uint8(video), fps=args.fps, upscale=args.upscale)
-    print(f"wrote {out} ({args.frames} frames, {args.height}x{args.width}, x{args.upscale} upscaled)")
-    return out
-
-
-if __name__ == "__main__":
-    torch.set_grad_enabled(False)
-    main()

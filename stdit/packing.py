@@ -14,6 +14,8 @@ from dataclasses import dataclass, fields
 import torch
 from einops import rearrange
 
+from stdit.grid import token_grid
+
 # ----------------------------------------------------------------------------------------------------------
 # Patchify
 # ----------------------------------------------------------------------------------------------------------
@@ -33,11 +35,6 @@ def unpatchify(tokens: torch.Tensor, grid, patch_size) -> torch.Tensor:
     pt, ph, pw = patch_size
     t, h, w = grid
     return rearrange(tokens, "(t h w) (c pt ph pw) -> c (t pt) (h ph) (w pw)", t=t, h=h, w=w, pt=pt, ph=ph, pw=pw)
-
-
-def grid_of(shape, patch_size) -> tuple[int, int, int]:
-    """Token grid (T', H', W') of a video of pixel/latent shape (T, H, W)."""
-    return tuple(s // p for s, p in zip(shape, patch_size))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -147,7 +144,7 @@ def pack(
     for v in videos:
         offsets.append(sum(_numel(g) for g in grids))
         tok = patchify(v, patch_size)
-        grids.append(grid_of(v.shape[1:], patch_size))
+        grids.append(token_grid(v.shape[1:], patch_size))
         token_list.append(tok)
     n_real = offsets[-1] + _numel(grids[-1])
     if n_real > token_budget:
@@ -219,25 +216,4 @@ def unpack(tokens: torch.Tensor, batch: PackedBatch) -> list[torch.Tensor]:
 
 def token_counts(shapes, patch_size) -> list[int]:
     """Tokens of each (T, H, W) shape."""
-    return [_numel(grid_of(s, patch_size)) for s in shapes]
-
-
-def plan_microbatches(counts: list[int], token_budget: int) -> list[list[int]]:
-    """First-fit-decreasing of sample token counts into bins of `token_budget`; returns indices per bin.
-
-    Deterministic (ties broken by index) so every process plans the same micro-batches from the same samples.
-    """
-    bins: list[list[int]] = []
-    room: list[int] = []
-    for i in sorted(range(len(counts)), key=lambda j: (-counts[j], j)):
-        if counts[i] > token_budget:
-            raise ValueError(f"a sample of {counts[i]} tokens does not fit data.token_budget={token_budget}")
-        for b, r in enumerate(room):
-            if counts[i] <= r:
-                bins[b].append(i)
-                room[b] -= counts[i]
-                break
-        else:
-            bins.append([i])
-            room.append(token_budget - counts[i])
-    return [sorted(b) for b in bins]
+    return [_numel(token_grid(s, patch_size)) for s in shapes]

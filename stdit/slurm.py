@@ -1,7 +1,7 @@
-"""`stdit slurm submit`: render slurm/train.sbatch for a recipe and an allocation, check the layout fits, submit.
+"""SLURM: render slurm/train.sbatch for a recipe and an allocation, check the layout fits, submit it; and the run's
+progress, from which the batch script decides whether it is finished or should be requeued.
 
-`python -m stdit.slurm progress RECIPE [key=value ...]` prints "STEP STEPS RUN_DIR" (the newest complete
-checkpoint's step, or 0): the batch script decides from it whether the run is finished or should be requeued.
+The commands (`stdit slurm submit`, `stdit slurm progress`): stdit/commands/slurm.py.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from stdit.config import ConfigError, load_config
+from stdit.config import ConfigError, load_config, validate_layout
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "train.sbatch"
 
@@ -27,31 +27,8 @@ def progress(recipe: str, overrides: list[str]) -> tuple[int, int, Path]:
     return step, cfg.run.steps, run_dir
 
 
-def parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="stdit slurm submit", description=__doc__.splitlines()[0])
-    p.add_argument("recipe")
-    p.add_argument("overrides", nargs="*", help="key=value config overrides")
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, required=True, help="0 for CPU nodes (then give --procs-per-node)")
-    p.add_argument("--procs-per-node", type=int, help="training processes per node (default: --gpus-per-node)")
-    p.add_argument("--launcher", choices=("torchrun", "srun"), default="torchrun",
-                   help="torchrun: one per node with c10d rendezvous; srun: one task per process")
-    p.add_argument("--time", required=True, help="time limit, SLURM syntax (e.g. 24:00:00, 2-00:00:00)")
-    p.add_argument("--cpus-per-proc", type=int, default=1, help="CPU cores per training process")
-    p.add_argument("--partition")
-    p.add_argument("--account")
-    p.add_argument("--job-name", default="stdit")
-    p.add_argument("--signal-seconds", type=int, default=300,
-                   help="USR1 this long before the time limit: one step + one checkpoint must fit (SLURM may send "
-                        "it up to 60 s early)")
-    p.add_argument("--no-requeue", action="store_true", help="stop after the signal's checkpoint, do not requeue")
-    p.add_argument("--dry-run", action="store_true", help="print the script and the sbatch command, submit nothing")
-    return p.parse_intermixed_args(argv)  # overrides may come after options
-
-
 def check_layout(args: argparse.Namespace, cfg) -> int:
     """Processes per node after checking the allocation can hold the recipe's parallel layout."""
-    from parallel.dims import ParallelDims
     if args.nodes < 1 or args.gpus_per_node < 0:
         raise ConfigError(f"--nodes {args.nodes} --gpus-per-node {args.gpus_per_node}: need >= 1 node, >= 0 GPUs")
     procs = args.procs_per_node if args.procs_per_node is not None else args.gpus_per_node
@@ -61,7 +38,7 @@ def check_layout(args: argparse.Namespace, cfg) -> int:
         raise ConfigError(f"--procs-per-node {procs} must equal --gpus-per-node {args.gpus_per_node}: one "
                           "process per GPU")
     world = args.nodes * procs
-    dims = ParallelDims.from_config(cfg, world)  # names the parallel.* keys that do not divide
+    dims = validate_layout(cfg, world)  # names the parallel.* keys that do not divide
     if dims.tp > procs:
         print(f"warning: parallel.tp={dims.tp} spans nodes ({procs} processes per node); tensor parallelism "
               "communicates in every layer, keep it within a node", file=sys.stderr)
@@ -95,8 +72,8 @@ def render(args: argparse.Namespace, procs: int, run_dir: Path) -> str:
                      + [f"set -- {shlex.join([args.recipe, *args.overrides])}"] + body) + "\n"
 
 
-def submit(argv: list[str]) -> None:
-    args = parse(argv)
+def submit(args: argparse.Namespace) -> None:
+    """Load the recipe, check the layout, render the script and sbatch it (or print it with args.dry_run)."""
     cfg = load_config(args.recipe, args.overrides)
     procs = check_layout(args, cfg)
     run_dir = Path(cfg.run.dir).resolve()
@@ -118,23 +95,3 @@ def submit(argv: list[str]) -> None:
         raise SystemExit(f"stdit slurm submit: sbatch failed: {out.stderr.strip()}")
     job = out.stdout.strip().split(";")[0]
     print(f"submitted job {job}; log {run_dir / 'slurm' / f'{job}.log'}")
-
-
-def main(argv: list[str]) -> None:
-    if argv[:1] == ["submit"]:
-        submit(argv[1:])
-    elif argv[:1] == ["progress"] and len(argv) >= 2:
-        step, steps, run_dir = progress(argv[1], argv[2:])
-        print(step, steps, run_dir)
-    else:
-        print("usage: stdit slurm submit RECIPE [key=value ...] --nodes N --gpus-per-node G --time T [--dry-run] "
-              "(--help for all options)", file=sys.stderr)
-        raise SystemExit(2)
-
-
-if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except ConfigError as e:
-        print(f"stdit slurm: error: {e}", file=sys.stderr)
-        raise SystemExit(2)

@@ -11,13 +11,10 @@ and written to RUN_DIR/latent_stats.json, next to the weights the DiT will use.
 from __future__ import annotations
 
 import json
-import math
-import time
 
 import torch
-import torch.distributed as dist
 
-from parallel import checkpoint
+from parallel.checkpoint import load_weights
 from stdit.autoencoder import compute_latent_stats
 from stdit.data.video import to_uint8, write_video
 from stdit.diffusion.rectified_flow import sample_generator
@@ -26,7 +23,7 @@ from stdit.train import Trainer
 
 
 class VAETrainer(Trainer):
-    """Trainer for `run.stage=vae`: data parallel + ZeRO (tp, pp, cp are 1)."""
+    """Trainer for `run.stage=vae`: data parallel + ZeRO (tp, pp, cp are 1); one micro-batch per sample."""
 
     def build_model(self) -> torch.nn.Module:
         self.text_encoder, self.vae = None, None
@@ -39,71 +36,62 @@ class VAETrainer(Trainer):
     def parallelize(self, model):
         return model
 
+    def plain_name(self, name: str) -> str:
+        return name
+
     def token_grid(self, shape) -> tuple[int, int, int]:
         return (1, 1, 1)  # the autoencoder takes whole samples, never packed micro-batches of a token budget
 
     def data_share(self) -> tuple[int, int]:
-        return 0, 1  # every rank loads the step's samples and takes every dp-th (train_step)
+        return 0, 1  # every rank loads the step's samples and takes every dp-th (micro_batches)
 
-    def sample_loss(self, model, x: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """Loss of one sample [1, C, T, H, W] and its parts."""
-        recon, mean, logvar = model(x, noise)
+    def micro_batches(self, step: int) -> tuple[list, dict]:
+        """Every dp-th sample of the step, as ((video, posterior noise), (video, weight)); ranks with fewer
+        samples repeat one with weight 0 (ZeRO reduces per backward: equal counts everywhere)."""
+        cfg = self.cfg
+        samples = self.batches.samples(step)
+        n, dp, rank = len(samples), self.dims.dp, self.dims.rank("dp")
+        mine = samples[rank::dp]
+        weights = [1.0] * len(mine) + [0.0] * (-(-n // dp) - len(mine))
+        mine += [samples[0]] * (len(weights) - len(mine))
+        items = []
+        for s, w in zip(mine, weights):
+            x = s.video[None].to(self.device)
+            latent = (cfg.vae.latent_channels, *self.engine.module.latent_shape(*x.shape[2:]))
+            noise = torch.randn(latent, generator=sample_generator(cfg.run.seed, step, s.sample_id, "vae"))
+            items.append(((x, noise[None].to(self.device)), (x, w / n)))
+        return items, {"tokens": sum(s.video[0].numel() for s in samples)}
+
+    def loss(self, out, labels) -> torch.Tensor:
+        """(L1 + vae.kl_weight * KL [+ vae.perceptual_weight * perceptual]) of one sample, times its weight;
+        the parts are summed into the step's metrics."""
+        (recon, mean, logvar), (x, weight) = out, labels
         l1 = (recon - x).abs().mean()
         kl = kl_divergence(mean, logvar).mean()
         loss = l1 + self.cfg.vae.kl_weight * kl
-        parts = {"recon_l1": l1.item(), "kl": kl.item(),
-                 "psnr": 10 * math.log10(4.0 / max(torch.mean((recon.detach().clamp(-1, 1) - x) ** 2).item(), 1e-12))}
+        mse = torch.mean((recon.detach().clamp(-1, 1) - x) ** 2).double()
+        parts = {"recon_l1": l1, "kl": kl, "psnr": 10 * torch.log10(4.0 / mse.clamp_min(1e-12))}
         if self.perceptual is not None:
             frames = lambda v: v[0].transpose(0, 1)  # noqa: E731  [T, C, H, W]: the network sees frames
             perc = (self.perceptual(frames(recon)) - self.perceptual(frames(x))).pow(2).mean()
             loss = loss + self.cfg.vae.perceptual_weight * perc
-            parts["perceptual"] = perc.item()
-        return loss, parts
+            parts["perceptual"] = perc
+        for k, v in parts.items():
+            self.sums[k] = self.sums.get(k, 0.0) + weight * v.detach().double()
+        return loss * weight
 
-    def train_step(self) -> dict:
-        cfg, start = self.cfg, time.perf_counter()
-        self.model.train()
-        samples = self.batches.samples(self.step)
-        n, dp, rank = len(samples), self.shard.dp_size, self.shard.dp_rank
-        mine = samples[rank::dp]
-        weights = [1.0] * len(mine) + [0.0] * (math.ceil(n / dp) - len(mine))
-        mine += [samples[0]] * (len(weights) - len(mine))  # ZeRO reduces per backward: equal counts everywhere
-        model = self.engine if self.engine is not None else self.model
-        if self.engine is None:
-            self.optimizer.zero_grad(set_to_none=True)
-        totals: dict[str, float] = {}
-        for s, w in zip(mine, weights):
-            x = s.video[None].to(self.device)
-            latent = (cfg.vae.latent_channels, *self.model.latent_shape(*x.shape[2:]))
-            noise = torch.randn(latent, generator=sample_generator(cfg.run.seed, self.step, s.sample_id, "vae"))
-            loss, parts = self.sample_loss(model, x, noise[None].to(self.device))
-            scaled = loss * (w / n) * dp  # the engine averages gradients over dp
-            if self.engine is None:
-                scaled.backward()
-            else:
-                self.engine.backward(scaled, scale_wrt_gas=False)
-            for k, v in {"loss": loss.item(), **parts}.items():
-                totals[k] = totals.get(k, 0.0) + w * v / n
-        keys = sorted(totals)
-        if self.distributed:  # each rank held part of the global mean
-            t = torch.tensor([totals[k] for k in keys], dtype=torch.float64)
-            dist.all_reduce(t)
-            totals = dict(zip(keys, t.tolist()))
-        grad_norm, lr = self.optimizer_step()
-        self.finish_step()
-        pixels = sum(s.video[0].numel() for s in samples)
+    def metrics(self, totals: dict, stats: dict, grad_norm: float, lr: float, dt: float) -> dict:
+        totals.pop("model_flops", None)
+        pixels = stats["tokens"]
         self.tokens_seen += pixels
-        dt = time.perf_counter() - start
         return {"step": self.step, **totals, "grad_norm": grad_norm, "lr": lr, "tokens": pixels,
                 "tokens_seen": self.tokens_seen, "pixels_per_s": pixels / dt, "tokens_per_s": pixels / dt,
                 "step_time_s": dt, "padding_fraction": 0.0, "layout": self.dims.describe()}
 
     def log_samples(self, saved) -> None:
         """Latent statistics and a few reconstructions (input | output side by side) with the EMA weights."""
-        if not self.is_main:
-            return
         ema = VideoVAE(self.cfg.vae)
-        checkpoint.load_weights(ema, saved, "ema")
+        load_weights(ema, saved, "ema")
         ema = ema.to(self.device).eval()
         dataset = self.batches.dataset
         picks = [dataset[i] for i in range(min(self.cfg.vae.stats_samples, len(dataset)))]

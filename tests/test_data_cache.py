@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from test_data_shard import _write
 
 from stdit.config import load_config, to_yaml
-from stdit.data.shard import shard
+from stdit.data.ingest import shard
 from stdit.models.text import TextEncoder
 from stdit.models.vae import VideoVAE
 

@@ -91,7 +91,7 @@ def test_shard_writes_good_files_and_reports_bad_ones(media, tmp_path):
 
 
 def test_shard_reads_a_manifest(media, tmp_path):
-    from stdit.data.shard import shard
+    from stdit.data.ingest import shard
     src, _ = media
     (tmp_path / "m.jsonl").write_text('{"path": "landscape.mp4", "caption": "from the manifest"}\n'
                                       '{"path": "missing.mp4", "caption": "x"}\n')
@@ -103,7 +103,7 @@ def test_training_reads_the_shards(media, tmp_path):
     """A few DiT steps from the shards: every clip is cut to an allowed length and fitted to its aspect bucket."""
     from stdit.config import load_config
     from stdit.data.loader import build_dataset
-    from stdit.data.shard import shard
+    from stdit.data.ingest import shard
     from stdit.train import Trainer
     src, good = media
     shard(src, tmp_path / "shards", progress=False)
@@ -128,7 +128,7 @@ def test_training_reads_the_shards(media, tmp_path):
 
 def test_frame_stride_and_target_fps(media, tmp_path):
     """Every k-th frame: a fixed stride, or per clip from its fps; the fps reported follows."""
-    from stdit.data.shard import shard
+    from stdit.data.ingest import shard
     from stdit.data.shards import ShardDataset
     src, good = media
     shard(src, tmp_path / "shards", progress=False)

@@ -4,11 +4,13 @@ import pytest
 import torch
 
 from stdit.config import Config, DiffusionConfig
+from stdit.data.loader import StepPlan
 from stdit.data.sample import Sample
-from stdit.diffusion.rectified_flow import draw, noisy_inputs, timestep_shift
+from stdit.data.steps import StepBuilder
+from stdit.diffusion.rectified_flow import draw, flow_loss_sum, noisy_inputs, timestep_shift
+from stdit.grid import token_grid
 from stdit.models.stdit import STDiT
 from stdit.packing import pack
-from stdit.train import forward_backward
 
 from conftest import rand_videos, randomize, tiny_model_cfg
 
@@ -52,6 +54,20 @@ class _TextStub:
         return [torch.full((1 + len(c) % 5, 8), float(len(c) % 7) / 7) for c in captions]
 
 
+def _forward_backward(model, samples, step, cfg):
+    """The trainer's loop on one process: each micro-batch adds sum(loss) / (loss tokens of the step)."""
+    plan = StepPlan.of([s.sample_id for s in samples],
+                       [token_grid(s.video.shape[1:], cfg.model.patch_size) for s in samples], cfg.data.token_budget)
+    micro, loss_tokens, stats = StepBuilder(cfg, _TextStub()).build(step, plan, [samples[i] for i in plan.members()])
+    loss = 0.0
+    for batch, draws in micro:
+        x_t, t_frame, target = noisy_inputs(batch, draws)
+        loss_sum = flow_loss_sum(model(x_t, t_frame, batch), target, batch.loss_mask) / loss_tokens
+        loss_sum.backward()
+        loss += loss_sum.item()
+    return {"loss": loss, **stats}
+
+
 def test_micro_batch_split_leaves_loss_and_grads_unchanged():
     cfg = Config()
     cfg.model = tiny_model_cfg()
@@ -62,7 +78,7 @@ def test_micro_batch_split_leaves_loss_and_grads_unchanged():
     for budget in [1000, 400, 200]:  # 1, 2 and 3 micro-batches
         model = copy.deepcopy(base)
         cfg.data.token_budget = budget
-        stats = forward_backward(model, _TextStub(), samples, step=5, cfg=cfg, device=torch.device("cpu"))
+        stats = _forward_backward(model, samples, step=5, cfg=cfg)
         results.append((stats, {n: p.grad.clone() for n, p in model.named_parameters()}))
     assert [r[0]["micro_batches"] for r in results] == [1, 2, 3]
     ref_stats, ref_grads = results[0]

@@ -3,8 +3,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from stdit.flops import forward_flops
+from stdit.grid import token_grid
 from stdit.models.stdit import STDiT
-from stdit.packing import grid_of, pack, token_counts
+from stdit.packing import pack, token_counts
 
 from conftest import rand_videos, tiny_model_cfg
 
@@ -32,6 +33,6 @@ def test_flop_formula_matches_counted_matmuls(attention, monkeypatch):
     with FlopCounterMode(display=False) as counter:
         model(b.tokens, t, b)
     counted = counter.get_total_flops()
-    expected = forward_flops(cfg, 16, [grid_of(v.shape[1:], (1, 2, 2)) for v in videos], [x.shape[0] for x in texts])
+    expected = forward_flops(cfg, 16, [token_grid(v.shape[1:], (1, 2, 2)) for v in videos], [x.shape[0] for x in texts])
     # the timestep/fps embedders and adaLN-single are per frame and left out of the formula: within 5%
     assert abs(expected - counted) <= 0.05 * counted, (expected, counted)

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from stdit.packing import pack, patchify, plan_microbatches, token_counts, unpack, unpatchify
+from stdit.data.binpack import first_fit_decreasing
+from stdit.packing import pack, patchify, token_counts, unpack, unpatchify
 
 from conftest import rand_videos
 
@@ -71,9 +72,17 @@ def test_pack_rejects_overflow_with_the_key_to_change():
 
 def test_first_fit_decreasing_covers_every_sample_once():
     counts = [72, 9, 40, 20, 100, 3, 3, 64, 50]
-    bins = plan_microbatches(counts, 128)
+    bins = first_fit_decreasing(counts, 128)
     assert sorted(i for b in bins for i in b) == list(range(len(counts)))
     assert all(sum(counts[i] for i in b) <= 128 for b in bins)
     assert len(bins) == 3  # 361 tokens: FFD reaches the lower bound ceil(361/128)
     with pytest.raises(ValueError, match="token_budget"):
-        plan_microbatches([200], 128)
+        first_fit_decreasing([200], 128)
+
+
+def test_first_fit_into_fixed_bins_takes_the_given_order_and_leaves_out_what_does_not_fit():
+    counts = [60, 50, 40, 30, 20]
+    assert first_fit_decreasing(counts, 100, num_bins=2) == [[0, 2], [1, 3, 4]]
+    # item 4 first (as an overdue sample would be): it is packed, and 3 no longer fits anywhere
+    assert first_fit_decreasing(counts, 100, num_bins=2, order=[4, 0, 1, 2, 3]) == [[0, 4], [1, 2]]
+    assert first_fit_decreasing(counts, 100, num_bins=3, order=[0]) == [[0]]  # empty bins are dropped

@@ -8,8 +8,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import free_port, rand_videos, randomize, tiny_model_cfg
 
-from stdit.config import Config, ConfigError
-from stdit.models.stdit import ATTENTION_KERNELS, TP_HEAD_SHARED, TP_PLAN, STDiT
+from stdit.config import Config, ConfigError, validate_layout
+from stdit.models.stdit import STDiT
 from stdit.packing import pack, token_counts
 
 SHAPES = [(3, 8, 12), (1, 6, 6), (4, 4, 8), (2, 10, 4)]
@@ -28,30 +28,28 @@ def _batch():
 
 def _worker(rank, world, port, tp, cp, attention):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    from megatron.core import parallel_state as ps
-
-    from parallel.context import apply_cp, shard_batch
-    from parallel.dims import ParallelDims, init_distributed
-    from parallel.tensor import apply_tp
+    from parallel.dims import ParallelDims
+    from stdit.parallelize import cp_slice, parallelize_stdit
 
     cfg = Config()
     cfg.model = tiny_model_cfg(attention=attention, num_heads=4, hidden_size=32)
     cfg.parallel.tp, cfg.parallel.cp = tp, cp
     cfg.data.token_budget = 256
-    init_distributed(ParallelDims.from_config(cfg, world))
+    validate_layout(cfg, world)
+    dims = ParallelDims(world, tp=tp, cp=cp)
+    dims.init()
     torch.manual_seed(0)
     ref = randomize(STDiT(cfg.model, TEXT_DIM), std=0.1)
     torch.manual_seed(0)  # the same full weights; every rank keeps its shard
-    model = apply_cp(apply_tp(randomize(STDiT(cfg.model, TEXT_DIM), std=0.1), TP_PLAN, TP_HEAD_SHARED), ATTENTION_KERNELS,
-                     ps.get_context_parallel_group())
+    model = parallelize_stdit(randomize(STDiT(cfg.model, TEXT_DIM), std=0.1), dims)
     batch, t = _batch()
     w = torch.randn(batch.tokens.shape[0], batch.tokens.shape[1], generator=torch.Generator().manual_seed(1))
 
     out_ref = ref(batch.tokens, t, batch)
     (out_ref * w).sum().backward()
 
-    cp_rank = ps.get_context_parallel_rank()
-    local = shard_batch(batch, cp_rank, cp)
+    cp_rank = dims.rank("cp")
+    local = cp_slice(batch, cp_rank, cp)
     L = batch.tokens.shape[0] // cp
     out = model(local.tokens, t, local)
     (out * w[cp_rank * L:(cp_rank + 1) * L]).sum().backward()
@@ -60,11 +58,11 @@ def _worker(rank, world, port, tp, cp, attention):
     torch.testing.assert_close(out, out_ref[cp_rank * L:(cp_rank + 1) * L], rtol=1e-5, atol=1e-5)
     # gradients: summed over the cp group; a tensor-parallel shard equals its slice of the reference grad
     ref_params = dict(ref.named_parameters())
-    tp_rank = ps.get_tensor_model_parallel_rank()
+    tp_rank = dims.rank("tp")
     checked = 0
     for name, p in model.named_parameters():
         grad = p.grad.clone()
-        dist.all_reduce(grad, group=ps.get_context_parallel_group())
+        dist.all_reduce(grad, group=dims.group("cp"))
         r = ref_params[name.replace(".inner.", ".").replace(".attn.inner", ".attn")].grad
         if getattr(p, "tensor_model_parallel", False):
             dim = p.partition_dim
@@ -90,10 +88,9 @@ def test_sharded_model_matches_unsharded(tp, cp, attention):
     (dict(pp=5), "parallel.pp"),
 ])
 def test_layouts_that_do_not_divide_fail_naming_keys(overrides, keys):
-    from parallel.dims import ParallelDims
     cfg = Config()
     cfg.model.num_heads, cfg.model.depth = 4, 4
     for k, v in overrides.items():
         setattr(cfg.parallel, k, v)
     with pytest.raises(ConfigError, match=keys.replace(".", r"\.")):
-        ParallelDims.from_config(cfg, world_size=8 if "tp" in overrides and overrides.get("cp") else 4)
+        validate_layout(cfg, world_size=8 if "tp" in overrides and overrides.get("cp") else 4)

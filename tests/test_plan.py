@@ -3,9 +3,9 @@ XL / 7B / 30B recipes.
 
 What is compared on the tiny recipe (one CPU process, fp32):
 - model state: bytes of the trainer's parameters, gradients, Adam moments and EMA after a real training step,
-  against weights + gradients + optimizer + ema of the plan (agree to 0.1%);
+  against weights + gradients + optimizer + ema of the estimate (agree to 0.1%);
 - activations: bytes of the distinct storages autograd keeps for backward during the model's forward over one
-  micro-batch packed from the recipe's own data (saved-tensor hooks), against the plan's activations, for each
+  micro-batch packed from the recipe's own data (saved-tensor hooks), against the estimated activations, for each
   recomputation mode and both attention kinds (within 10%). Peak RSS is not compared: glibc keeps freed memory
   and backward's transient gradient buffers are not part of the activation formula."""
 import json
@@ -17,13 +17,13 @@ from test_recompute import saved_bytes
 
 from parallel.dims import ParallelDims
 from stdit.cli import main
-from stdit.config import load_config
+from stdit.config import ConfigError, load_config, validate_layout
 from stdit.data.loader import build_dataset
 from stdit.flops import forward_flops
 from stdit.models.stdit import build_model
 from stdit.models.text import TextEncoder
 from stdit.packing import pack
-from stdit.plan import HEADROOM, Planner
+from stdit.estimate import HEADROOM, Estimator
 
 GIB = 2 ** 30
 
@@ -47,7 +47,7 @@ def plan_json(capsys, *args: str) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Tiny recipe: the plan against a real run
+# Tiny recipe: the estimate against a real run
 # ----------------------------------------------------------------------------------------------------------
 
 def test_tiny_state_matches_the_trainer(tmp_path):
@@ -55,20 +55,20 @@ def test_tiny_state_matches_the_trainer(tmp_path):
     cfg = load_config("recipes/tiny.yaml", [f"run.dir={tmp_path}", "run.samples_at_end=0"])
     trainer = Trainer(cfg)
     trainer.train_step()
-    params = list(trainer.model.parameters())
+    params = list(trainer.engine.module.parameters())
 
     def nbytes(tensors) -> int:
         return sum(t.numel() * t.element_size() for t in tensors)
     measured = {"weights": nbytes(params), "gradients": nbytes(p.grad for p in params if p.grad is not None),
-                "optimizer": nbytes(v for s in trainer.optimizer.state.values() for v in s.values()
+                "optimizer": nbytes(v for s in trainer.engine.optimizer.state.values() for v in s.values()
                                     if torch.is_tensor(v) and v.dim() > 0),
-                "ema": nbytes(trainer.ema.parameters())}
-    plan = Planner(cfg, "cpu").memory(ParallelDims(1))
-    assert plan["rank_params"] == sum(p.numel() for p in params)
+                "ema": nbytes(trainer.engine.ema.shadow)}
+    est = Estimator(cfg, "cpu").memory(ParallelDims(1))
+    assert est["rank_params"] == sum(p.numel() for p in params)
     for part, value in measured.items():
-        assert plan["parts"][part] == pytest.approx(value, rel=1e-3), part
+        assert est["parts"][part] == pytest.approx(value, rel=1e-3), part
     text = TextEncoder.from_config(cfg.text)
-    assert plan["parts"]["frozen encoders"] == 4 * sum(p.numel() for p in text.parameters())
+    assert est["parts"]["frozen encoders"] == 4 * sum(p.numel() for p in text.parameters())
 
 
 @pytest.mark.parametrize("mode, attention", [("none", "factorized"), ("selective", "factorized"),
@@ -90,7 +90,7 @@ def test_tiny_activations_match_what_autograd_keeps(mode, attention):
     model = build_model(cfg.model, text.dim)
     t = torch.rand(batch.frame_sample.shape[0])
     kept, _ = saved_bytes(lambda: model(batch.tokens, t, batch))
-    planned = Planner(cfg, "cpu").memory(ParallelDims(1))["parts"]["activations"]
+    planned = Estimator(cfg, "cpu").memory(ParallelDims(1))["parts"]["activations"]
     assert planned == pytest.approx(kept, rel=0.10), f"planned {planned / 2**20:.1f} MiB, kept {kept / 2**20:.1f} MiB"
 
 
@@ -192,3 +192,17 @@ def test_plan_prints_a_readable_report_and_refuses_bad_input(capsys):
                           (["--gpus", "8", "model.activation_checkpointing=some"], "model.activation_checkpointing")):
         code, out, err = stdit_plan(capsys, "recipes/scale/7B.yaml", *args)
         assert code == 2 and message in err, err
+
+
+def test_suggest_skips_layouts_the_trainer_refuses(capsys):
+    """--suggest lists only layouts config.validate_layout (the trainer's check) accepts: 3 packed micro-batches per
+    step do not divide over 2 or 4 data-parallel ranks, so on 4 GPUs only dp = 1 layouts are offered."""
+    overrides = ["data.micro_batches=3", "parallel.tp=2", "parallel.cp=2"]
+    got = plan_json(capsys, "recipes/tiny.yaml", *overrides, "--gpus", "4", "--gpu-mem", "1000", "--suggest",
+                    "--device", "cpu")
+    assert got["layout"] == "tp2.pp1.cp2.dp1.zero0"
+    assert got["suggestions"] and all(".dp1." in s["layout"] for s in got["suggestions"]), got["suggestions"]
+    refused = load_config("recipes/tiny.yaml", ["data.micro_batches=3"])  # tp1.pp1.cp1: dp = 4
+    with pytest.raises(ConfigError, match="data.micro_batches=3"):
+        validate_layout(refused, 4)
+    assert "tp1.pp1.cp1.dp4" not in {s["layout"].rsplit(".", 1)[0] for s in got["suggestions"]}

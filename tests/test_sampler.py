@@ -9,15 +9,17 @@ import torch
 from conftest import free_port
 
 from stdit.config import ConfigError, load_config
-from stdit.data.loader import StepSampler, build_dataset
+from stdit.data.loader import StepPlan, StepSampler, build_dataset
+from stdit.data.steps import StepBuilder
 from stdit.diffusion.masks import STRATEGIES, draw_mask
-from stdit.packing import grid_of
+from stdit.grid import token_grid
+from stdit.models.text import TextEncoder
 
 
 def _sampler(*overrides, workers=0, share=(0, 1)):
     cfg = load_config("recipes/tiny.yaml", ["data.micro_batches=2", *overrides])
-    token_grid = lambda shape: grid_of(shape, cfg.model.patch_size)  # noqa: E731
-    return StepSampler(build_dataset(cfg.data, 0), cfg.data, 0, token_grid, workers, share), cfg
+    grid = lambda shape: token_grid(shape, cfg.model.patch_size)  # noqa: E731
+    return StepSampler(build_dataset(cfg.data, 0), cfg.data, 0, grid, workers, share), cfg
 
 
 def test_padding_under_two_percent_at_the_demo_budget():
@@ -122,18 +124,43 @@ def test_masks_follow_their_strategy_and_are_reproducible():
         load_config("recipes/tiny.yaml", ["data.masks={first_franes: 1.0}"])
 
 
+def _plan_of(samples, cfg):
+    return StepPlan.of([s.sample_id for s in samples],
+                       [token_grid(s.video.shape[1:], cfg.model.patch_size) for s in samples], cfg.data.token_budget)
+
+
 def test_conditioning_frames_are_clean_and_out_of_the_loss():
-    from stdit.train import plan_step
-    from stdit.models.text import TextEncoder
     cfg = load_config("recipes/tiny.yaml", ["data.masks={none: 0.0, first_frame: 1.0}", "data.frame_counts=[4]"])
     samples = [build_dataset(cfg.data, 0)[i] for i in range(3)]
-    mine, total, _ = plan_step(TextEncoder.from_config(cfg.text), samples, 0, cfg)
+    plan = _plan_of(samples, cfg)
+    mine, total, _ = StepBuilder(cfg, TextEncoder.from_config(cfg.text)).build(
+        0, plan, [samples[i] for i in plan.members()])
     batch = mine[0][0]
     assert batch.frame_cond[:12].tolist() == [True, False, False, False] * 3
     first = batch.token_frame == 0
     assert not batch.loss_mask[first].any() and batch.loss_mask[(batch.token_sample < 3) & ~first & ~torch.isin(
         batch.token_frame, torch.tensor([4, 8]))].all()
-    assert total == sum(math.prod(grid_of(s.video.shape[1:], cfg.model.patch_size)) * 3 // 4 for s in samples)
+    assert total == sum(math.prod(token_grid(s.video.shape[1:], cfg.model.patch_size)) * 3 // 4 for s in samples)
+
+
+def test_fillers_even_out_unequal_data_parallel_shares_without_adding_loss():
+    """3 micro-batches over 2 dp ranks: the rank with one gets one filler, with nothing in the loss; over 1 or 3
+    ranks the shares are equal and there is none. Every rank counts the step's loss tokens, all of them real."""
+    cfg = load_config("recipes/tiny.yaml", ["data.frame_counts=[4]", "data.resolutions=[[16,16]]",
+                                             "data.token_budget=512", "data.masks={none: 1.0, first_frame: 1.0}"])
+    samples = [build_dataset(cfg.data, 0)[i] for i in range(6)]  # 256 tokens each: two per micro-batch
+    plan = _plan_of(samples, cfg)
+    assert len(plan.bins) == 3
+    builder = StepBuilder(cfg, TextEncoder.from_config(cfg.text))
+    for dp in (1, 2, 3):
+        built = [builder.build(0, plan, [samples[i] for i in plan.members(r, dp)], r, dp) for r in range(dp)]
+        fillers = [[b.sample_ids == [-1] for b, _ in mine] for mine, _, _ in built]
+        assert [len(f) for f in fillers] == [3 // dp + (dp == 2)] * dp
+        assert sum(map(sum, fillers)) == (1 if dp == 2 else 0)
+        assert all(not b.loss_mask.any() for (mine, _, _), f in zip(built, fillers)
+                   for (b, _), filler in zip(mine, f) if filler)
+        in_loss = sum(int(b.loss_mask.sum()) for mine, _, _ in built for b, _ in mine)
+        assert [total for _, total, _ in built] == [in_loss] * dp and 0 < in_loss < sum(plan.tokens)
 
 
 FAST = ["model.hidden_size=32", "model.depth=1", "model.num_heads=4", "data.resolutions=[[8,8],[8,16],[16,8]]",
@@ -169,8 +196,8 @@ def test_stop_and_resume_on_another_dp_size_sees_the_same_samples(tmp_path):
 
 
 def test_micro_batches_must_divide_over_data_parallel_ranks():
-    from parallel.dims import ParallelDims
+    from stdit.config import validate_layout
     cfg = load_config("recipes/tiny.yaml", ["data.micro_batches=3"])
     with pytest.raises(ConfigError, match="use a multiple of 2"):
-        ParallelDims.from_config(cfg, 2)
-    assert ParallelDims.from_config(cfg, 3).dp == 3
+        validate_layout(cfg, 2)
+    validate_layout(cfg, 3)

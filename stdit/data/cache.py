@@ -15,11 +15,9 @@ OUT/cache.json records the autoencoder, the text encoder and the bucket settings
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
-import sys
 import tarfile
 from pathlib import Path
 from queue import Empty
@@ -27,8 +25,11 @@ from queue import Empty
 import torch
 from tqdm import tqdm
 
+from stdit.autoencoder import load_vae
 from stdit.data.sample import Sample
 from stdit.data.shards import ShardDataset, expand, read_member, tar_index
+from stdit.device import resolve_device
+from stdit.models.text import TextEncoder
 
 
 def _settings(vae: str, cfg) -> dict:
@@ -39,8 +40,6 @@ def _settings(vae: str, cfg) -> dict:
 
 
 def _encoders(settings: dict, text_cfg, device: torch.device):
-    from stdit.autoencoder import load_vae
-    from stdit.models.text import TextEncoder
     return load_vae(settings["vae"], device), TextEncoder.from_config(text_cfg).to(device)
 
 
@@ -116,7 +115,7 @@ def cache(sources: list[str], out: str | Path, vae: str, cfg, workers: int = 1, 
     done = len(shards) - len(todo)
     if done:
         print(f"{done} of {len(shards)} shards already cached in {out}; encoding the other {len(todo)}")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    device = resolve_device(device).type
     workers = max(1, min(workers, len(todo)))
     if workers == 1 and todo:
         vae_m, text_m = _encoders(settings, cfg.text, torch.device(device if device == "cpu" else "cuda"))
@@ -177,34 +176,3 @@ class CachedDataset:
         caption = read_member(shard, parts["txt"]).decode()
         return Sample(sample_id=i, video=tensors["latent"], caption=caption, fps=meta["fps"],
                       text=tensors["text"], latent=True)
-
-
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="stdit data cache", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--vae", required=True, help="autoencoder: VAE run directory, checkpoint or export")
-    ap.add_argument("--text-encoder", help="local transformers model directory (T5 v1.1 family or CLIP text); "
-                    "default: the recipe's text.*")
-    ap.add_argument("--text-kind", choices=("t5", "clip"), help="kind of --text-encoder (default: recipe's text.kind)")
-    ap.add_argument("--recipe", default="recipes/base.yaml", help="recipe whose data.* buckets and text.* apply")
-    ap.add_argument("--workers", type=int, default=1, help="encoding processes (one per GPU when there are GPUs)")
-    ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    ap.add_argument("paths", nargs="+", help="SRC_SHARDS... OUT, then optional key=value overrides of the recipe")
-    args = ap.parse_args(argv)
-    overrides = [p for p in args.paths if "=" in p]
-    paths = [p for p in args.paths if "=" not in p]
-    if len(paths) < 2:
-        ap.error("give one or more source shards (or patterns) and the output folder")
-    if args.text_encoder:
-        overrides.append(f"text.path={Path(args.text_encoder).resolve()}")
-    if args.text_kind:
-        overrides.append(f"text.kind={args.text_kind}")
-    from stdit.config import load_config
-    cfg = load_config(args.recipe, overrides)
-    summary = cache(paths[:-1], paths[-1], args.vae, cfg, args.workers, args.device)
-    shards = summary["shards"].values()
-    print(f"cached {sum(s['written'] for s in shards)} samples in {len(summary['shards'])} shards in {paths[-1]}; "
-          f"skipped {sum(len(s['skipped']) for s in shards)}", file=sys.stdout)
-    for s in shards:
-        for skip in s["skipped"]:
-            print(f"  skipped {skip['shard']}/{skip['key']}: {skip['why']}")

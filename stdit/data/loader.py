@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
+from stdit.data.binpack import first_fit_decreasing
 from stdit.data.sample import Sample
 from stdit.data.synthetic import SyntheticClips
-from stdit.packing import plan_microbatches
 
 
 def build_dataset(data_cfg, seed: int):
@@ -61,12 +61,24 @@ class StepPlan:
     tokens: list[int]
     grids: list[tuple[int, int, int]]
 
+    @classmethod
+    def of(cls, ids: list[int], grids: list[tuple[int, int, int]], budget: int) -> "StepPlan":
+        """The plan of samples given directly rather than drawn from a stream (tests, tools): their micro-batches
+        packed first-fit-decreasing into bins of `budget` tokens, as data.micro_batches = 0 does."""
+        grids = [tuple(g) for g in grids]
+        tokens = [math.prod(g) for g in grids]
+        return cls(ids=list(ids), bins=first_fit_decreasing(tokens, budget), tokens=tokens, grids=grids)
+
     def shares(self, dp_size: int) -> list[list[int]]:
         """The micro-batches (indices into bins) each of `dp_size` data-parallel ranks trains on."""
         return assign_microbatches([sum(self.tokens[i] for i in b) for b in self.bins], dp_size)
 
     def share(self, dp_rank: int, dp_size: int) -> list[int]:
         return self.shares(dp_size)[dp_rank]
+
+    def members(self, dp_rank: int = 0, dp_size: int = 1) -> list[int]:
+        """Indices into ids of the samples of that rank's micro-batches, in the order its samples are loaded."""
+        return [i for j in self.share(dp_rank, dp_size) for i in self.bins[j]]
 
 
 def assign_microbatches(tokens: list[int], dp: int) -> list[list[int]]:
@@ -141,7 +153,7 @@ class StepSampler:
         nxt, buffer = state["next"], list(state["buffer"])
         if self.micro_batches == 0:
             chosen = list(range(nxt, nxt + self.batch_size))
-            bins = plan_microbatches([self._tokens(p) for p in chosen], self.budget)
+            bins = first_fit_decreasing([self._tokens(p) for p in chosen], self.budget)
             nxt += self.batch_size
         else:
             while len(buffer) < self.lookahead:
@@ -181,16 +193,10 @@ class StepSampler:
         each into the first bin with room. Bins come out in the order filled, samples by stream position."""
         overdue = [p for p in buffer if nxt - p > 2 * self.lookahead]
         rest = sorted((p for p in buffer if nxt - p <= 2 * self.lookahead), key=lambda p: (-self._tokens(p), p))
-        bins: list[list[int]] = [[] for _ in range(self.micro_batches)]
-        room = [self.budget] * self.micro_batches
-        for p in overdue + rest:
-            n = self._tokens(p)
-            for b in range(self.micro_batches):
-                if n <= room[b]:
-                    bins[b].append(p)
-                    room[b] -= n
-                    break
-        return [sorted(b) for b in bins if b]
+        order = overdue + rest
+        bins = first_fit_decreasing([self._tokens(p) for p in order], self.budget, self.micro_batches,
+                                    order=list(range(len(order))))
+        return [sorted(order[i] for i in b) for b in bins]
 
     # ---- loading ------------------------------------------------------------------------------------------
     def ids(self, step: int) -> list[int]:
@@ -199,7 +205,7 @@ class StepSampler:
     def mine(self, step: int) -> list[int]:
         """Dataset ids of this rank's share of step `step`: its micro-batches' samples, in order."""
         plan = self.plan(step)
-        return [plan.ids[i] for j in plan.share(*self.share) for i in plan.bins[j]]
+        return [plan.ids[i] for i in plan.members(*self.share)]
 
     def samples(self, step: int) -> list[Sample]:
         """This rank's samples of step `step` (see mine()); with workers, consecutive steps are decoded ahead."""

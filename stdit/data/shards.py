@@ -1,8 +1,8 @@
-"""Reading the tar shards `stdit data shard` writes, as a random-access dataset.
+"""Reading the tar shards `stdit data shard` writes (stdit/data/ingest.py), as a random-access dataset.
 
 Opening the shards builds an index (shard, member offset and size of each sample's media, caption and probe)
-from the tar headers alone, so sample i is one seek and one decode, and GlobalBatches' epoch permutations and
-position-in-samples (exact resume on any layout) apply to real data as to the synthetic clips.
+from the tar headers alone, so sample i is one seek and one decode, and the StepSampler's epoch permutations and
+stream positions (stdit/data/loader.py: exact resume on any layout) apply to real data as to the synthetic clips.
 
 A sample is decoded with PyAV (Pillow for images); every k-th frame is kept (k = data.frame_stride, or the
 source fps / data.target_fps rounded, at least 1); the first frames are cut to the largest of

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from stdit.diffusion.rectified_flow import sample_generator, shift_t, timestep_shift
-from stdit.packing import grid_of, pack, unpack
+from stdit.grid import token_grid
+from stdit.packing import pack, unpack
 
 
 @torch.no_grad()
@@ -42,7 +43,7 @@ def sample_videos(model, text_encoder, prompts: list[str], shapes: list[tuple[in
     x = torch.zeros(batch.offsets[n] if guided else total, token_dim, device=device)
     shifts = []
     for i, s in enumerate(shapes):
-        g = grid_of(s, patch)
+        g = token_grid(s, patch)
         num = g[0] * g[1] * g[2]
         off = batch.offsets[i]
         x[off:off + num] = torch.randn(num, token_dim, generator=sample_generator(seed, 0, i, "sample")).to(device)

@@ -15,18 +15,6 @@ from stdit.models.attention import CrossAttention, SelfAttention
 from stdit.models.layers import Mlp, ScalarEmbedder, modulate, rope_cos_sin
 from stdit.packing import PackedBatch
 
-# Which Linear of a block is column- or row-parallel: the tensor-parallel plan, applied by parallel/tensor.py.
-TP_PLAN = {
-    "spatial_attn.qkv": "column", "spatial_attn.proj": "row",
-    "temporal_attn.qkv": "column", "temporal_attn.proj": "row",
-    "cross_attn.q": "column", "cross_attn.kv": "column", "cross_attn.proj": "row",
-    "mlp.fc1": "column", "mlp.fc2": "row",
-}
-# Replicated weights applied per head (QK-norm): under TP each rank sees its heads only, so their grads are summed.
-TP_HEAD_SHARED = ("q_norm.weight", "k_norm.weight")
-# The modules that call the attention kernel, wrapped by context parallelism.
-ATTENTION_KERNELS = ("spatial_attn.attn", "temporal_attn.attn", "cross_attn.attn")
-
 
 def frame_param(frame_mod: torch.Tensor, table: torch.Tensor, i: int, token_frame: torch.Tensor) -> torch.Tensor:
     """Modulation parameter i for every token: (per-frame adaLN-single output + block table)[token's frame]."""

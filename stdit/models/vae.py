@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from stdit import grid
 from stdit.config import compression_factors
 
 # ----------------------------------------------------------------------------------------------------------
@@ -253,14 +254,12 @@ class VideoVAE(nn.Module):
     # shapes ------------------------------------------------------------------------------------------------
 
     def check_shape(self, t: int, h: int, w: int) -> None:
-        ft, fs = self.time_factor, self.space_factor
-        if (t - 1) % ft or h % fs or w % fs:
-            raise ValueError(f"video of {t} frames, {h}x{w} does not fit the autoencoder: frames must be 1 + {ft}k "
-                             f"and height / width multiples of {fs}")
+        """ValueError unless a video of (t, h, w) pixels compresses to whole latent frames and pixels."""
+        self.latent_shape(t, h, w)
 
     def latent_shape(self, t: int, h: int, w: int) -> tuple[int, int, int]:
-        self.check_shape(t, h, w)
-        return 1 + (t - 1) // self.time_factor, h // self.space_factor, w // self.space_factor
+        """(T', H', W') of the latents of a (t, h, w) video: stdit.grid's rule under this autoencoder's factors."""
+        return grid.latent_shape((t, h, w), (self.time_factor, self.space_factor))
 
     def video_shape(self, t: int, h: int, w: int) -> tuple[int, int, int]:
         return 1 + (t - 1) * self.time_factor, h * self.space_factor, w * self.space_factor

@@ -9,7 +9,6 @@ what was skipped and why.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 from pathlib import Path
@@ -115,21 +114,3 @@ def shard(src: str | Path, out: str | Path, manifest: str | Path | None = None, 
                "skipped": [{"file": f, "why": why} for f, why in skipped]}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
-
-
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="stdit data shard", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("src", help="folder of video / image files")
-    ap.add_argument("out", help="output folder for shard-XXXXXX.tar and summary.json")
-    ap.add_argument("--manifest", help="CSV or JSONL of path,caption (paths relative to SRC)")
-    ap.add_argument("--shard-size", type=float, default=1e9, help="bytes per shard before a new one starts")
-    args = ap.parse_args(argv)
-    try:
-        summary = shard(args.src, args.out, args.manifest, args.shard_size)
-    except ValueError as e:  # a malformed manifest
-        ap.error(str(e))
-    print(f"wrote {summary['written']} samples ({summary['frames']} frames) into {len(summary['shards'])} shards "
-          f"in {args.out}; skipped {len(summary['skipped'])}")
-    for s in summary["skipped"]:
-        print(f"  skipped {s['file']}: {s['why']}")

@@ -1,5 +1,5 @@
-"""`stdit plan RECIPE [key=value ...] --gpus N [--gpu-mem GIB] [--suggest]`: parameters, model FLOPs and memory per
-GPU of a recipe's model and layout, from formulas, before any GPU is used.
+"""The estimator behind `stdit plan`: parameters, model FLOPs and memory per GPU of a recipe's model and layout,
+from formulas, before any GPU is used (the command itself: stdit/commands/plan.py).
 
 Memory per GPU (bytes; Ψ = parameters this rank holds after tensor and pipeline splitting, N = dp * cp, the ranks
 ZeRO partitions over):
@@ -18,16 +18,16 @@ ZeRO partitions over):
 """
 from __future__ import annotations
 
-import argparse
-import json
+import dataclasses
 import math
 
 import torch
 
 from parallel.dims import ParallelDims
-from stdit.config import Config, ConfigError, load_config, patched_shape, sample_grid_factors
+from stdit.config import Config, ConfigError, ParallelConfig, sample_token_grids, validate_layout
 from stdit.flops import forward_flops
-from stdit.models.stdit import TP_PLAN, build_model
+from stdit.models.stdit import build_model
+from stdit.parallelize import TP_STYLES
 
 GIB = 2 ** 30
 HEADROOM = 0.9  # a layout fits when the estimate is below 90% of the GPU: CUDA context, NCCL buffers, fragmentation
@@ -64,11 +64,11 @@ def vae_params(cfg: Config) -> int:
 
 
 def _tp_split(name: str) -> bool:
-    """Whether tensor parallelism splits this parameter: a Linear of the block's plan (a row Linear's bias is
-    whole on every rank)."""
+    """Whether tensor parallelism splits this parameter: a Linear named in the block's TP styles (a row Linear's
+    bias is whole on every rank)."""
     module, _, kind = name.rpartition(".")
     return any(module.endswith(suffix) and (style == "column" or kind == "weight")
-               for suffix, style in TP_PLAN.items())
+               for suffix, style in TP_STYLES.items())
 
 
 def rank_params(model: torch.nn.Module, depth: int, tp: int, pp: int) -> int:
@@ -95,22 +95,16 @@ def rank_params(model: torch.nn.Module, depth: int, tp: int, pp: int) -> int:
 # Token shapes and FLOPs
 # ----------------------------------------------------------------------------------------------------------
 
-def sample_grids(cfg: Config) -> list[tuple[int, int, int]]:
-    """Token grid of every (frame count, resolution) the data config allows, weighted alike (the planner's
-    assumption about the mix)."""
-    ft, fs = sample_grid_factors(cfg)
-    return [patched_shape(cfg.model, 1 + (t - 1) // ft, h // fs, w // fs)
-            for t in cfg.data.frame_counts for h, w in cfg.data.resolutions]
-
-
 def mean_sample_tokens(cfg: Config) -> float:
-    tokens = [math.prod(g) for g in sample_grids(cfg)]
+    """Tokens of the mean sample, every (frame count, resolution) of data.* weighted alike (the estimator's
+    assumption about the mix)."""
+    tokens = [math.prod(g) for g in sample_token_grids(cfg)]
     return sum(tokens) / len(tokens)
 
 
 def flops(cfg: Config, text_dim: int) -> dict:
     """Model FLOPs (forward + backward = 3x forward, recomputation not counted) per token and per step."""
-    grids, text = sample_grids(cfg), cfg.text.max_length
+    grids, text = sample_token_grids(cfg), cfg.text.max_length
     tokens = [math.prod(g) for g in grids]
     per_token = 3 * sum(forward_flops(cfg.model, text_dim, [g], [text]) for g in grids) / sum(tokens)
     mean_tokens = mean_sample_tokens(cfg)
@@ -184,7 +178,7 @@ def activation_bytes(cfg: Config, layout: ParallelDims, device: str) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The plan
+# The estimate
 # ----------------------------------------------------------------------------------------------------------
 
 def state_bytes(psi: int, layout: ParallelDims, device: str, distributed: bool) -> dict:
@@ -198,7 +192,7 @@ def state_bytes(psi: int, layout: ParallelDims, device: str, distributed: bool) 
             "optimizer": opt * psi / (n if z >= 1 else 1), "ema": 4 * psi / (n if z >= 3 else 1)}
 
 
-class Planner:
+class Estimator:
     """Counts for one config: parameters once, then memory for any layout."""
 
     def __init__(self, cfg: Config, device: str = "cuda"):
@@ -223,22 +217,26 @@ class Planner:
         return {"parts": parts, "total": sum(parts.values()), "rank_params": psi, "backend": act["backend"]}
 
     def layouts(self, world: int) -> list[ParallelDims]:
-        """Every layout of `world` processes the trainer accepts (tp, cp within a node of 8: heads divide by tp*cp)."""
-        m, out = self.cfg.model, []
+        """Every layout of `world` processes the trainer accepts (config.validate_layout, the trainer's own check),
+        with tp * cp within a node of 8 GPUs."""
+        out = []
         for tp in (1, 2, 4, 8):
             for cp in (1, 2, 4, 8):
+                if tp * cp > 8:
+                    continue
                 for pp in (1, 2, 4, 8, 16):
-                    grid = tp * cp * pp
-                    if (world % grid or m.num_heads % (tp * cp) or self.cfg.data.token_budget % cp
-                            or pp > m.depth or tp * cp > 8):
-                        continue
-                    for zero in (0, 1, 2, 3) if pp == 1 else (0, 1):
-                        out.append(ParallelDims(world, tp, pp, cp, zero))
+                    for zero in (0, 1, 2, 3):
+                        cfg = dataclasses.replace(self.cfg, parallel=ParallelConfig(tp, pp, cp, zero))
+                        try:
+                            out.append(layout_of(cfg, world))
+                        except ConfigError:
+                            continue
         return out
 
 
 def layout_of(cfg: Config, world: int) -> ParallelDims:
-    return ParallelDims.from_config(cfg, world)  # names the keys that do not divide
+    """The config's layout on `world` processes; ConfigError names the keys that do not fit."""
+    return validate_layout(cfg, world)
 
 
 def _fmt(n: float) -> str:
@@ -248,18 +246,19 @@ def _fmt(n: float) -> str:
     return f"{n:.0f}"
 
 
-def report(planner: Planner, layout: ParallelDims, gpu_mem: float | None) -> str:
-    cfg, f = planner.cfg, planner.flops
-    mem = planner.memory(layout)
+def report(estimator: Estimator, layout: ParallelDims, gpu_mem: float | None) -> str:
+    """The human-readable estimate of one layout (what `stdit plan` prints)."""
+    cfg, f = estimator.cfg, estimator.flops
+    mem = estimator.memory(layout)
     world = layout.world_size
     m, recompute = cfg.model, cfg.model.activation_checkpointing
-    model = (f"model: {planner.params:,} parameters ({_fmt(planner.params)}), depth {m.depth}, hidden "
-             f"{m.hidden_size}, {m.attention} attention; frozen encoders {_fmt(planner.frozen)}")
+    model = (f"model: {estimator.params:,} parameters ({_fmt(estimator.params)}), depth {m.depth}, hidden "
+             f"{m.hidden_size}, {m.attention} attention; frozen encoders {_fmt(estimator.frozen)}")
     flop = (f"model FLOPs (forward + backward): {_fmt(f['per_token'])} per token, {_fmt(f['per_step'])} per step of "
             f"{f['tokens_per_step']:,.0f} tokens ({_fmt(f['per_step'] / world)} per GPU)")
     if recompute == "full":
         flop += " (+1/3 recomputed with full checkpointing)"
-    where = (f"layout {layout.describe()} on {world} {planner.device.upper()} process(es); the busiest rank holds "
+    where = (f"layout {layout.describe()} on {world} {estimator.device.upper()} process(es); the busiest rank holds "
              f"{mem['rank_params']:,} parameters; {cfg.data.token_budget} tokens per micro-batch, activation "
              f"checkpointing {recompute}, {mem['backend']} attention kernel")
     lines = [model, flop, where, "memory per GPU:"]
@@ -272,45 +271,9 @@ def report(planner: Planner, layout: ParallelDims, gpu_mem: float | None) -> str
     return "\n".join(lines)
 
 
-def suggestions(planner: Planner, world: int, gpu_mem: float, limit: int = 10) -> list[tuple[ParallelDims, float]]:
+def suggestions(estimator: Estimator, world: int, gpu_mem: float, limit: int = 10) -> list[tuple[ParallelDims, float]]:
     """Layouts that fit, least model parallelism first (less communication), then the lowest ZeRO stage."""
-    fits = [(lay, planner.memory(lay)["total"]) for lay in planner.layouts(world)]
+    fits = [(lay, estimator.memory(lay)["total"]) for lay in estimator.layouts(world)]
     fits = [(lay, b) for lay, b in fits if b <= HEADROOM * gpu_mem * GIB]
     fits.sort(key=lambda x: (x[0].tp * x[0].pp * x[0].cp, x[0].zero, x[0].pp, x[0].cp, x[1]))
     return fits[:limit]
-
-
-def main(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(prog="stdit plan", description=__doc__.splitlines()[0])
-    p.add_argument("recipe")
-    p.add_argument("overrides", nargs="*", help="key=value config overrides")
-    p.add_argument("--gpus", type=int, required=True, help="processes (GPUs) in all")
-    p.add_argument("--gpu-mem", type=float, help="GiB of memory per GPU, to say whether it fits")
-    p.add_argument("--suggest", action="store_true", help="list layouts of --gpus that fit in --gpu-mem")
-    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
-                   help="cpu: fp32 and the reference attention kernel, as the trainer runs on CPU")
-    p.add_argument("--json", action="store_true", help="print the figures as JSON (bytes, FLOPs)")
-    args = p.parse_intermixed_args(argv)
-    if args.gpus < 1:
-        raise ConfigError(f"--gpus {args.gpus}: need at least 1")
-    if args.suggest and not args.gpu_mem:
-        raise ConfigError("--suggest needs the memory per GPU: --gpu-mem GIB")
-    cfg = load_config(args.recipe, args.overrides)
-    planner = Planner(cfg, args.device)
-    layout = layout_of(cfg, args.gpus)
-    found = suggestions(planner, args.gpus, args.gpu_mem) if args.suggest else []
-    if args.json:
-        mem = planner.memory(layout)
-        print(json.dumps({"params": planner.params, "frozen_params": planner.frozen, "flops": planner.flops,
-                          "layout": layout.describe(), "rank_params": mem["rank_params"], "memory": mem["parts"],
-                          "total": mem["total"], "backend": mem["backend"],
-                          "suggestions": [{"layout": lay.describe(), "total": b} for lay, b in found]}, indent=1))
-        return
-    print(report(planner, layout, args.gpu_mem))
-    if args.suggest:
-        print(f"\nlayouts of {args.gpus} GPUs that fit in {args.gpu_mem:g} GiB (set parallel.*):" if found else
-              (f"\nno layout of {args.gpus} GPUs fits in {args.gpu_mem:g} GiB: add GPUs, lower data.token_budget "
-               "or set model.activation_checkpointing=full"))
-        for lay, b in found:
-            print(f"  {lay.describe():<28} {b / GIB:8.2f} GiB   parallel.tp={lay.tp} parallel.pp={lay.pp} "
-                  f"parallel.cp={lay.cp} parallel.zero={lay.zero}")
