@@ -121,6 +121,17 @@ def _cu(lengths: list[int]) -> torch.Tensor:
     return torch.tensor([0] + lengths, dtype=torch.int64).cumsum(0).to(torch.int32)
 
 
+def _frame_times(given: torch.Tensor | None, t: int, i: int) -> torch.Tensor:
+    """Time index of each of a sample's t token frames: given (checked) or 0..t-1."""
+    if given is None:
+        return torch.arange(t)
+    given = torch.as_tensor(given, dtype=torch.long).cpu()
+    if given.shape != (t,) or (given.diff() <= 0).any() or (given < 0).any():
+        raise ValueError(f"times[{i}] = {given.tolist()} must be {t} strictly increasing non-negative time indices, "
+                         "one per token frame")
+    return given
+
+
 def pack(
     videos: list[torch.Tensor],
     texts: list[torch.Tensor],
@@ -129,17 +140,21 @@ def pack(
     token_budget: int,
     sample_ids: list[int] | None = None,
     cond_frames: list[torch.Tensor | None] | None = None,
+    times: list[torch.Tensor | None] | None = None,
 ) -> PackedBatch:
     """Pack videos [C, T, H, W] with their unpadded text embeddings [n_i, D] into `token_budget` tokens.
 
     cond_frames[i], if given, is a bool vector over the sample's token frames: True frames are conditioning
-    (clean, timestep 0, no loss).
+    (clean, timestep 0, no loss). times[i], if given, is each token frame's time index in the source video,
+    strictly increasing (default 0..T'-1): a sample may be any subset of a longer video's frames. RoPE's time
+    coordinate is this index, and the temporal (causal) order follows it.
     """
     patch_size = tuple(patch_size)
     if not videos:
         raise ValueError("pack needs at least one video")
     sample_ids = list(range(len(videos))) if sample_ids is None else list(sample_ids)
     cond_frames = cond_frames or [None] * len(videos)
+    times = times or [None] * len(videos)
     token_list, grids, offsets = [], [], []
     for v in videos:
         offsets.append(sum(_numel(g) for g in grids))
@@ -160,7 +175,7 @@ def pack(
     n_frames = 0
     for i, ((t, h, w), off) in enumerate(zip(grids, offsets)):
         tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
-        coords.append(torch.stack([tt, hh, ww], -1).reshape(-1, 3))
+        coords.append(torch.stack([_frame_times(times[i], t, i)[tt], hh, ww], -1).reshape(-1, 3))
         token_sample.append(torch.full((t * h * w,), i))
         token_frame.append(n_frames + tt.reshape(-1))
         frame_sample.append(torch.full((t,), i))

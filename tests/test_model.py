@@ -106,3 +106,26 @@ def test_zero_init_predicts_zero_and_blocks_are_identity():
     videos, texts, t, fps = _inputs()
     out = _run(model.double(), videos, texts, t, fps, [0, 1], pad=0)
     assert all(torch.count_nonzero(o) == 0 for o in out.values())
+
+
+@pytest.mark.parametrize("attention,causal", [("factorized", False), ("factorized", True), ("full", False)])
+def test_frame_time_positions(attention, causal):
+    """A sample is any subset of a longer video's frames, carrying its time indices: shifting them all by a
+    constant changes nothing (RoPE is relative), but other gaps between the same frames change the output."""
+    model = randomize(STDiT(tiny_model_cfg(attention=attention, temporal_causal=causal), TEXT_DIM)).double()
+    videos, texts, t, fps = _inputs()
+    vs, ts = [videos[0], videos[2]], [texts[0], texts[2]]  # 3 and 4 frames
+
+    def run(times):
+        n = sum(token_counts([v.shape[1:] for v in vs], PATCH))
+        b = pack(vs, ts, [fps[0], fps[2]], PATCH, n + 3, times=[torch.tensor(x) for x in times])
+        t_frame = torch.tensor([t[0], t[2], 0.0], dtype=torch.float64)[b.frame_sample]
+        return model(b.tokens, t_frame, b)[:n]
+
+    subset = run([[0, 8, 16], [0, 8, 16, 17]])
+    # RoPE angles are fp32 (as on GPU): equal to fp32 round-off
+    torch.testing.assert_close(run([[100, 108, 116], [37, 45, 53, 54]]), subset, rtol=1e-4, atol=1e-6)
+    contiguous = run([[0, 1, 2], [0, 1, 2, 3]])
+    assert (contiguous - subset).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="strictly increasing"):
+        run([[0, 8, 8], [0, 1, 2, 3]])
