@@ -59,9 +59,13 @@ def _write_pyav(path: Path, arr: np.ndarray, fps: float, codec: str) -> None:
         container.mux(stream.encode())  # flush delayed frames
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
 def write_video(path, frames, fps: float = 8.0, upscale: int = 1) -> Path:
     """Write uint8 [T, H, W, 3] frames (tensor or ndarray) and return the path written.
 
+    .png / .jpg / .jpeg: one frame as an image (more frames are refused: use .mp4 or .gif).
     .gif: Pillow animated GIF. Anything else (.mp4): PyAV, H.264 (libx264, else mpeg4), yuv420p, odd sizes padded
     to even. If no codec works, a .gif is written next to it instead (with a warning) and its path returned.
     `upscale` repeats pixels so that tiny demo videos are visible. Parent directories are created.
@@ -70,7 +74,14 @@ def write_video(path, frames, fps: float = 8.0, upscale: int = 1) -> Path:
     if not fps > 0:
         raise ValueError(f"fps must be positive, got {fps}")
     arr = _frames_array(frames, upscale)
+    if path.suffix.lower() in IMAGE_SUFFIXES and arr.shape[0] != 1:
+        raise ValueError(f"{path.name} names an image but there are {arr.shape[0]} frames; write .mp4 or .gif, "
+                         "or generate --frames 1")
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        from PIL import Image
+        Image.fromarray(arr[0]).save(path)
+        return path
     if path.suffix.lower() == ".gif":
         return _write_gif(path, arr, fps)
     errors = []

@@ -11,17 +11,22 @@ import torch
 
 from stdit.diffusion.rectified_flow import sample_generator, shift_t, timestep_shift
 from stdit.grid import token_grid
-from stdit.packing import pack, unpack
+from stdit.packing import pack, patchify, unpack
 
 
 @torch.no_grad()
 def sample_videos(model, text_encoder, prompts: list[str], shapes: list[tuple[int, int, int]], model_cfg,
                   diffusion_cfg, seed: int = 0, fps: float = 8.0, steps: int | None = None,
-                  cfg_scale: float | None = None, progress=None, conditions=None) -> list[torch.Tensor]:
+                  cfg_scale: float | None = None, progress=None, conditions=None, times=None, edits=None,
+                  strength: float = 1.0) -> list[torch.Tensor]:
     """Generate one [C, T, H, W] video in [-1, 1]-ish per (prompt, (T, H, W)) from pure noise.
 
     conditions[i], if given, is (clean video [C, T, H, W] of that shape, bool [T'] over token frames): the True
     frames are given, taken from the clean video; the others are generated.
+    times[i], if given, is the time index of each token frame in the video the sample belongs to (strictly
+    increasing; e.g. frames 0, 8, 16, 17 of a long video): RoPE sees the real gaps.
+    edits[i], if given, is a clean video [C, T, H, W] to edit (SDEdit): sampling starts from it noised to noise
+    level `strength` (0: unchanged, 1: pure noise, the prompt decides everything) instead of from pure noise.
     """
     steps = steps or diffusion_cfg.sample_steps
     cfg_scale = diffusion_cfg.cfg_scale if cfg_scale is None else cfg_scale
@@ -30,30 +35,47 @@ def sample_videos(model, text_encoder, prompts: list[str], shapes: list[tuple[in
     patch = tuple(model_cfg.patch_size)
     n = len(prompts)
     texts = text_encoder.encode(list(prompts) + ([""] * n if guided else []))
-    conditions = conditions or [None] * n
+    conditions, times, edits = conditions or [None] * n, times or [None] * n, edits or [None] * n
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength={strength} must be in (0, 1]")
+    for i, (s, c, e) in enumerate(zip(shapes, conditions, edits)):
+        for what, v in (("condition", None if c is None else c[0]), ("edit", e)):
+            if v is not None and tuple(v.shape) != (model_cfg.in_channels, *s):
+                raise ValueError(f"sample {i}: the {what} clip has shape {tuple(v.shape)} but the requested video is "
+                                 f"{(model_cfg.in_channels, *s)} (channels, frames, height, width); give a clip of "
+                                 "that shape")
     placeholders = [torch.zeros(model_cfg.in_channels, *s) if c is None else c[0].float()
                     for s, c in zip(shapes, conditions)]
     masks = [None if c is None else c[1] for c in conditions]
     videos = placeholders + (placeholders if guided else [])
     total = sum(v[0].numel() // (patch[0] * patch[1] * patch[2]) for v in videos)
+    times = list(times) + (list(times) if guided else [])
     batch = pack(videos, texts, [fps] * len(videos), patch, total,
-                 cond_frames=masks + (masks if guided else [])).to(device)
+                 cond_frames=masks + (masks if guided else []), times=times).to(device)
     token_dim = batch.tokens.shape[1]
 
     x = torch.zeros(batch.offsets[n] if guided else total, token_dim, device=device)
-    shifts = []
+    shifts, starts = [], []
     for i, s in enumerate(shapes):
         g = token_grid(s, patch)
         num = g[0] * g[1] * g[2]
         off = batch.offsets[i]
-        x[off:off + num] = torch.randn(num, token_dim, generator=sample_generator(seed, 0, i, "sample")).to(device)
-        shifts.append(timestep_shift(num, diffusion_cfg))
+        noise = torch.randn(num, token_dim, generator=sample_generator(seed, 0, i, "sample")).to(device)
+        shift, start = timestep_shift(num, diffusion_cfg), 1.0
+        if edits[i] is not None:  # start on the ODE path at noise level `strength`, from the clip to edit
+            x0 = patchify(edits[i].float(), patch).to(device)
+            noise = (1 - strength) * x0 + strength * noise
+            start = strength / (shift - (shift - 1) * strength)  # the unshifted time whose shifted value it is
+        x[off:off + num] = noise
+        shifts.append(shift)
+        starts.append(start)
     shifts = torch.tensor(shifts * (2 if guided else 1), device=device)
+    starts = torch.tensor(starts * (2 if guided else 1), device=device)
     given = batch.frame_cond[batch.token_frame[:x.shape[0]]]  # tokens of conditioning frames
     x[given] = batch.tokens[:x.shape[0]][given].float()
 
     model.eval()
-    ts = torch.linspace(1.0, 0.0, steps + 1, device=device)
+    ts = torch.linspace(1.0, 0.0, steps + 1, device=device)[:, None] * starts  # [steps + 1, samples]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     for k in range(steps):
         t_cur, t_next = shift_t(ts[k], shifts), shift_t(ts[k + 1], shifts)         # per packed sample
