@@ -10,6 +10,7 @@ USAGE = """usage: stdit COMMAND ...
 commands:
   train RECIPE [key=value ...]   train (same as python -m stdit.train)
   generate --run RUN_DIR --prompt TEXT [--frames N --height H --width W] --out FILE
+  eval --run RUN_DIR --out DIR [--n N] [--modes t2v,t2i,i2v]   does the model follow prompts? (synthetic world)
   vae reconstruct --run RUN_DIR IN_VIDEO OUT_VIDEO   encode + decode a video with a trained autoencoder
   vae stats --run RUN_DIR        measure the autoencoder's latent mean / std on its training data
   data shard SRC OUT [--manifest F] probe video/image files with captions, write webdataset tar shards
@@ -38,6 +39,9 @@ def main(argv: list[str] | None = None) -> None:
         elif command == "generate":
             from stdit.commands import generate
             generate.main(rest)
+        elif command == "eval":
+            from stdit.commands import eval as eval_command
+            eval_command.main(rest)
         elif command == "vae":
             from stdit.commands import vae
             vae.main(rest)
