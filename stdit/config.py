@@ -91,6 +91,9 @@ class TextConfig:
     """Captions are truncated to this many tokens."""
     seed: int = 0
     """Seed of the random encoder's weights."""
+    tokenizer: str = "byte"
+    """Tokenizer of the random encoder (ignored when loading from path): byte (ByT5, any text) | word (one token
+    per word of the synthetic captions, others [UNK]: a random encoder whose colour words differ, for the demo)."""
 
 
 @dataclass
@@ -142,9 +145,15 @@ class DataConfig:
     """data.source=shards: when > 0, the frame stride is source fps / target_fps (rounded, >= 1) per clip."""
     cached: bool = False
     """data.source=shards: the shards are `stdit data cache` output (autoencoder latents + caption embeddings)."""
+    window: int = 0
+    """Token frames a training sample holds at most: a longer clip trains on this many of its frames per step,
+    drawn from a span of at most data.max_span frames, each with its time index (FDM long-video training;
+    stdit/diffusion/masks.py draw_frames). 0: whole clips."""
+    max_span: int = 0
+    """With data.window: the frames of a sample come from at most this many consecutive frames (0: the clip)."""
     masks: dict[str, float] = field(default_factory=lambda: {"none": 1.0})
     """Conditioning mix, weight per strategy: none (text-to-video), first_frame (image-to-video), first_frames,
-    last_frames (backward extension), first_last (looping / connection), random_frames. Conditioning frames
+    last_frames (backward extension), first_last (looping), ends (connecting clips), random_frames. Conditioning frames
     are given clean and are not in the loss. A recipe's weights add to the default none: 1.0 (set it to 0 to
     drop it). See stdit/diffusion/masks.py."""
 
@@ -345,6 +354,8 @@ def validate(cfg: Config) -> None:
     _check(m.activation_checkpointing in ("none", "selective", "full"), "model.activation_checkpointing",
            f"must be none, selective or full, got {m.activation_checkpointing!r}")
     _check(cfg.text.kind in ("t5", "clip"), "text.kind", f"must be t5 or clip, got {cfg.text.kind!r}")
+    _check(cfg.text.tokenizer in ("byte", "word"), "text.tokenizer",
+           f"must be byte or word, got {cfg.text.tokenizer!r}")
     _check(0.0 <= cfg.diffusion.caption_dropout <= 1.0, "diffusion.caption_dropout", "must be in [0, 1]")
     _check(cfg.diffusion.sample_steps >= 1, "diffusion.sample_steps", "must be >= 1")
     _check(d.source in ("synthetic", "shards"), "data.source", f"must be synthetic or shards, got {d.source!r}")
@@ -359,6 +370,9 @@ def validate(cfg: Config) -> None:
     _check(d.target_fps >= 0, "data.target_fps", f"must be >= 0 (0: use data.frame_stride), got {d.target_fps}")
     _check(not d.cached or d.source == "shards", "data.cached", "cached latents are read from data.shards; "
            "set data.source=shards")
+    _check(d.window == 0 or d.window >= 2, "data.window", f"must be 0 (whole clips) or >= 2, got {d.window}")
+    _check(d.max_span == 0 or d.max_span >= d.window, "data.max_span",
+           f"must be 0 or >= data.window={d.window}, got {d.max_span}")
     from stdit.diffusion.masks import STRATEGIES
     unknown = sorted(set(d.masks) - set(STRATEGIES))
     _check(not unknown, "data.masks", f"unknown strategies {unknown}; use {list(STRATEGIES)}")
@@ -393,9 +407,10 @@ def sample_grid_factors(cfg: Config) -> tuple[int, int]:
 
 
 def sample_token_grids(cfg: Config) -> list[tuple[int, int, int]]:
-    """Token grid of every (frame count, resolution) clip data.* allows (ValueError if one does not fit)."""
+    """Token grid of every (frame count, resolution) clip data.* allows, as trained (at most data.window frames);
+    ValueError if one does not fit."""
     factors = sample_grid_factors(cfg)
-    return [token_grid((t, h, w), cfg.model.patch_size, factors)
+    return [token_grid((t, h, w), cfg.model.patch_size, factors, cfg.data.window)
             for t in cfg.data.frame_counts for h, w in cfg.data.resolutions]
 
 

@@ -18,12 +18,14 @@ def latent_shape(shape, factors=(1, 1)) -> tuple[int, int, int]:
     return 1 + (t - 1) // ft, h // fs, w // fs
 
 
-def token_grid(shape, patch_size, factors=(1, 1)) -> tuple[int, int, int]:
+def token_grid(shape, patch_size, factors=(1, 1), window: int = 0) -> tuple[int, int, int]:
     """Token grid (T', H', W') of a (T, H, W) clip: compressed by `factors`, then divided by the patch (pt, ph, pw);
-    ValueError when the patch does not divide the (compressed) shape."""
+    ValueError when the patch does not divide the (compressed) shape. With a `window` (data.window) a longer clip
+    trains on that many of its token frames."""
     t, h, w = latent_shape(shape, factors)
     pt, ph, pw = patch_size
     if t % pt or h % ph or w % pw:
         where = " after compression" if tuple(factors) != (1, 1) else ""
         raise ValueError(f"shape {t}x{h}x{w}{where} is not divisible by the patch (pt, ph, pw)=({pt}, {ph}, {pw})")
-    return t // pt, h // ph, w // pw
+    t = t // pt
+    return (min(t, window) if window else t), h // ph, w // pw

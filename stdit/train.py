@@ -118,7 +118,7 @@ class Trainer:
         """Model token grid of a sample of dataset shape (T, H, W) (pixels, or latents when the data is cached)."""
         factors = (self.vae.time_factor, self.vae.space_factor) if self.vae is not None and not self.cfg.data.cached \
             else (1, 1)
-        return token_grid(shape, self.cfg.model.patch_size, factors)
+        return token_grid(shape, self.cfg.model.patch_size, factors, self.cfg.data.window)
 
     def data_share(self) -> tuple[int, int]:
         """(dp rank, dp size): each rank loads only the samples of its micro-batches."""

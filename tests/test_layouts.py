@@ -1,4 +1,5 @@
-"""Every parallel layout gives the single-process loss curve and weights (torchrun, gloo, CPU).
+"""Every parallel layout gives the single-process loss curve and weights (torchrun, gloo, CPU), with conditioning
+masks and long clips trained as frame subsets.
 
 Each layout trains the same recipe, seed and global batch for a few steps; its per-step losses and its final
 (gathered) weights and EMA must match a single-process run."""
@@ -15,8 +16,12 @@ from parallel import checkpoint
 from stdit.config import load_config
 from stdit.train import Trainer
 
+# conditioning masks of every kind and 8-frame clips trained as 4-frame subsets (data.window): what a sample sees
+# is drawn from (seed, step, sample id), so it must be the same on every layout
 FAST = ["model.hidden_size=32", "model.depth=2", "model.num_heads=4", "data.resolutions=[[8,8],[8,16],[16,8]]",
-        "data.frame_counts=[1,2,4]", "data.batch_size=6", "data.token_budget=128", "data.num_samples=64",
+        "data.frame_counts=[1,2,8]", "data.window=4", "data.max_span=6",
+        "data.masks={none: 1.0, first_frame: 1.0, last_frames: 1.0, ends: 1.0, random_frames: 1.0}",
+        "data.batch_size=6", "data.token_budget=128", "data.num_samples=64",
         "text.hidden_size=16", "text.num_layers=1", "text.ff_size=32", "run.samples_at_end=0", "run.log_every=1",
         "optim.warmup_steps=2", "run.steps=4"]
 LAYOUTS = [  # (processes, overrides)

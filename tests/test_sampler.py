@@ -116,6 +116,8 @@ def test_masks_follow_their_strategy_and_are_reproducible():
             assert cond[-1] and not cond[0] and cond.sum() <= 3 and cond.int().diff().ge(0).all()
         elif name == "first_last":
             assert cond.tolist() == [True, False, False, False, False, True]
+        elif name == "ends":  # a head and a tail, something between
+            assert cond[0] and cond[-1] and 2 <= cond.sum() <= 4 and cond.int().diff().abs().sum() == 2
         else:
             assert 1 <= cond.sum() <= 3
     assert set(got) == set(STRATEGIES)
@@ -201,3 +203,31 @@ def test_micro_batches_must_divide_over_data_parallel_ranks():
     with pytest.raises(ConfigError, match="use a multiple of 2"):
         validate_layout(cfg, 2)
     validate_layout(cfg, 3)
+
+
+def test_long_clips_train_on_frame_subsets_with_their_time_indices():
+    """data.window: a clip longer than the window trains on window frames from a span of at most max_span, drawn
+    per (seed, step, sample): sorted, distinct, first and last of the span included; the planner counts the
+    window's tokens."""
+    from stdit.diffusion.masks import draw_frames
+    spans = set()
+    for step in range(50):
+        t = draw_frames(0, step, 7, 32, 8, 20)
+        assert torch.equal(t, draw_frames(0, step, 7, 32, 8, 20)) and len(t) == 8
+        assert (t.diff() > 0).all() and t[0] >= 0 and t[-1] < 32 and t[-1] - t[0] + 1 <= 20
+        spans.add(int(t[-1] - t[0] + 1))
+    assert min(spans) < 12 and max(spans) > 16  # contiguous-ish and widely spread windows both occur
+    assert draw_frames(0, 0, 7, 6, 8).tolist() == list(range(6))
+    cfg = load_config("recipes/tiny.yaml", ["data.frame_counts=[16]", "data.window=4", "data.max_span=16",
+                                            "data.resolutions=[[8,8]]"])
+    samples = [build_dataset(cfg.data, 0)[i] for i in range(3)]
+    grids = [token_grid(s.video.shape[1:], cfg.model.patch_size, window=cfg.data.window) for s in samples]
+    assert grids[0] == (4, 4, 4)
+    plan = StepPlan.of([s.sample_id for s in samples], grids, cfg.data.token_budget)
+    (batch, _), = StepBuilder(cfg, TextEncoder.from_config(cfg.text)).build(3, plan, samples)[0]
+    for k, s in enumerate(samples):
+        times = draw_frames(cfg.run.seed, 3, s.sample_id, 16, 4, 16)
+        mine = batch.token_sample == k
+        assert batch.coords[mine][::16, 0].tolist() == times.tolist()  # RoPE sees the real time indices
+        torch.testing.assert_close(batch.tokens[mine][::16], s.video[:, times, 0:2, 0:2].permute(1, 0, 2, 3)
+                                   .reshape(4, -1))

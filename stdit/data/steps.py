@@ -11,7 +11,7 @@ import torch
 
 from stdit.data.loader import StepPlan
 from stdit.data.sample import Sample
-from stdit.diffusion.masks import draw_mask
+from stdit.diffusion.masks import draw_frames, draw_mask
 from stdit.diffusion.rectified_flow import SampleDraw, draw
 from stdit.flops import forward_flops
 from stdit.packing import PackedBatch, pack
@@ -45,13 +45,14 @@ class StepBuilder:
         token_dim = cfg.model.in_channels * math.prod(patch)
         draws = [draw(seed, step, plan.ids[i], plan.tokens[i], token_dim, cfg.diffusion) for i in order]
         texts = self._texts(samples, draws)
+        clips = [self._frames(step, s, plan.grids[i][0]) for s, i in zip(samples, order)]
         where = {i: k for k, i in enumerate(order)}  # plan index -> position in this rank's lists
         micro = []
         for j in shares:
             ks = [where[i] for i in plan.bins[j]]
-            batch = pack([samples[k].video for k in ks], [texts[k] for k in ks], [samples[k].fps for k in ks],
+            batch = pack([clips[k][0] for k in ks], [texts[k] for k in ks], [samples[k].fps for k in ks],
                          patch, budget, sample_ids=[samples[k].sample_id for k in ks],
-                         cond_frames=[conds[i] for i in plan.bins[j]])
+                         cond_frames=[conds[i] for i in plan.bins[j]], times=[clips[k][1] for k in ks])
             micro.append((batch, [draws[k] for k in ks]))
         micro += [self._filler()] * (max(map(len, every)) - len(micro))
         real = sum(plan.tokens)
@@ -60,6 +61,18 @@ class StepBuilder:
         stats = {"tokens": real, "samples": len(plan.ids), "micro_batches": len(plan.bins), "model_flops": flops,
                  "padding_fraction": 1.0 - real / (len(plan.bins) * budget), "loss_tokens": loss_tokens}
         return micro, loss_tokens, stats
+
+    def _frames(self, step: int, sample: Sample, frames: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(video, token-frame time indices or None): a clip longer than the plan's `frames` token frames trains
+        on a subset of them drawn for this step (data.window; stdit/diffusion/masks.py draw_frames)."""
+        pt = self.cfg.model.patch_size[0]
+        total = sample.video.shape[1] // pt
+        if total == frames:
+            return sample.video, None
+        d = self.cfg.data
+        times = draw_frames(self.cfg.run.seed, step, sample.sample_id, total, frames, d.max_span)
+        model_frames = (times[:, None] * pt + torch.arange(pt)).flatten()
+        return sample.video[:, model_frames], times
 
     def _texts(self, samples: list[Sample], draws: list[SampleDraw]) -> list[torch.Tensor]:
         """Caption embeddings: the cached one (`Sample.text`) where the data carries it, else encoded here; a
