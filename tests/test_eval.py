@@ -1,6 +1,7 @@
 """`stdit eval`: the pixel measurements validated on the dataset's own clips (right captions ~100%, shuffled ones
-near chance), the caption grammar, the conditioned-mode metrics, and the command end to end on a 2-step run with
-its report.html opened in a real headless browser."""
+near chance), the caption grammar, the conditioned-mode metrics (boundary jump, loop closure) and the long-video
+chunk scoring on constructed clips, the given frames of every mode, and the command end to end in every mode on a
+2-step run with its report.html opened in a real headless browser."""
 import contextlib
 import io
 import json
@@ -15,7 +16,9 @@ from stdit.cli import main as cli_main
 from stdit.config import load_config
 from stdit.data.synthetic import SyntheticClips
 from stdit.data.video import to_uint8
-from stdit.evaluate import accuracies, check, condition_metrics, format_caption, measure, parse_caption, score_clip
+from stdit.evaluate import (DEFAULT_MODES, MODES, accuracies, check, chunk_spans, clip_frames, condition_metrics,
+                            format_caption, held_out_clips, loop_closure, measure, mode_case, parse_caption,
+                            score_clip, score_long_mode, training_window)
 from stdit.train import Trainer
 
 FAST = ["model.hidden_size=32", "model.depth=1", "data.resolutions=[[8,8],[8,16],[16,8]]", "data.frame_counts=[1,2,4]",
@@ -25,6 +28,8 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run"]
 MEASURES = ("background", "object_colour", "direction", "shape")
+SHORT = ("t2v", "t2i", "i2v", "extend_forward", "extend_backward", "loop", "connect", "keyframes", "edit")
+LONG = ("long_autoregressive", "long_long_range", "long_hierarchical")
 
 
 @pytest.fixture(scope="module")
@@ -88,60 +93,172 @@ def test_parse_caption_round_trips(clips):
             parse_caption(bad)
 
 
-def test_condition_metrics_on_real_clips(clips):
-    """A real clip 'generated' from its own first frame keeps it exactly, and its boundary is an ordinary step."""
-    ratios = []
-    for c in clips:
-        if c.video.shape[1] == 8:
-            given = torch.arange(8) < 1
-            m = condition_metrics(c.video, c.video, given)
+def _cut(a, b, frames):
+    """a's frames where `frames` is True, b's elsewhere: a hard cut at every boundary."""
+    return torch.where(frames[None, :, None, None], a, b)
+
+
+def test_condition_metrics_on_constructed_clips(clips):
+    """A real clip 'generated' around its own given frames (i2v, backward extension, connect, keyframes) keeps them
+    exactly and each boundary is an ordinary step (ratio ~1); a clip whose given frames come from a clip of another
+    caption has a hard cut there (ratio >> 1)."""
+    eight = [c for c in clips if c.video.shape[1] == 8]
+    masks = {"i2v": torch.arange(8) < 1, "extend_backward": torch.arange(8) >= 6,
+             "connect": (torch.arange(8) < 2) | (torch.arange(8) >= 6), "keyframes": torch.isin(torch.arange(8),
+                                                                                               torch.tensor([2, 6]))}
+    for name, given in masks.items():
+        ratios, cuts = [], []
+        for a, b in zip(eight, eight[1:]):
+            m = condition_metrics(a.video, a.video, given)
             assert m["kept"] == 0
             ratios.append(m["jump_ratio"])
-    assert 0.7 <= sorted(ratios)[len(ratios) // 2] <= 1.3, ratios
+            if a.video.shape == b.video.shape and parse_caption(a.caption)["bg"] != parse_caption(b.caption)["bg"]:
+                cut = condition_metrics(_cut(b.video, a.video, given), b.video, given)
+                assert cut["kept"] == 0
+                cuts.append(cut["jump_ratio"])
+        assert 0.7 <= sorted(ratios)[len(ratios) // 2] <= 1.3, (name, ratios)
+        assert cuts and min(cuts) > 3, (name, cuts)
     still = torch.zeros(3, 4, 8, 8)  # a seam: given frames of one colour, generated ones of another
     still[:, 2:] = 1
     m = condition_metrics(still, still, torch.arange(4) < 2)
     assert m["jump"] == 1.0 and m["typical"] == 0 and m["jump_ratio"] is None
 
 
+def test_loop_closure_on_constructed_clips(clips):
+    """A periodic clip (forth then back: 0..7, 6..1) closes with an ordinary step; a one-way clip jumps back."""
+    closures, one_way = [], []
+    for c in clips:
+        if c.video.shape[1] == 8:
+            periodic = torch.cat([c.video, c.video.flip(1)[:, 1:-1]], 1)  # 14 frames; after frame 1 comes 0
+            given = torch.arange(14) < 1
+            closures.append(loop_closure(periodic, given)["closure_ratio"])
+            one_way.append(loop_closure(c.video, given[:8])["closure_ratio"])
+    assert 0.7 <= sorted(closures)[len(closures) // 2] <= 1.3, closures
+    assert sorted(one_way)[len(one_way) // 2] > 3, one_way
+    assert loop_closure(torch.zeros(3, 4, 8, 8))["closure_ratio"] is None  # nothing moves: no ratio
+
+
+def test_long_video_scoring_on_constructed_clips():
+    """Long clips made of one caption's clip 4 times score 100% chunk by chunk; with a chunk of another caption
+    spliced in, that clip is no longer right over its whole length."""
+    data = SyntheticClips(6, [(48, 48)], [8], [8.0], seed=11)
+    a, b = data[0], next(data[i] for i in range(1, 6) if parse_caption(data[i].caption)["bg"] !=
+                         parse_caption(data[0].caption)["bg"])
+    long_a = a.video.repeat(1, 4, 1, 1)  # 32 frames: 4 chunks of the 8-frame window
+    spans = chunk_spans(32, 8)
+    assert spans == [(0, 8), (8, 16), (16, 24), (24, 32)]
+    r = score_long_mode([a.caption], [long_a], spans)
+    assert all(r["accuracy"][k]["accuracy"] == 1.0 for k in MEASURES), r["accuracy"]
+    assert r["whole_length"] == 1.0 and r["chunks"] == 4 and r["right_by_chunk"] == [1.0] * 4
+    spliced = long_a.clone()
+    spliced[:, 16:24] = b.video
+    r = score_long_mode([a.caption, a.caption], [long_a, spliced], spans)
+    assert r["whole_length"] == 0.5 and r["right_by_chunk"] == [1.0, 1.0, 0.5, 1.0]
+    assert r["accuracy"]["background"]["accuracy"] == 7 / 8 and r["clips"][1]["right"] == [True, True, False, True]
+    # with the causal autoencoder (4x in time) chunks of latent frames map to the pixel frames they decode to
+    assert chunk_spans(6, 3, 4) == [(0, 9), (9, 21)] and chunk_spans(5, 3, 4) == [(0, 9), (9, 17)]
+
+
+def test_every_mode_gives_the_held_out_clips_frames():
+    """Which frames each short mode gives (8-frame clips, pixel space), taken from the held-out clip itself at their
+    own times, as clean token frames of the condition; edit starts from a clip that differs in every attribute; a
+    causal model refuses modes that give later frames."""
+    cfg = load_config("recipes/tiny.yaml")
+    assert training_window(cfg) == 8 and clip_frames(cfg) == 8
+    clips = held_out_clips(cfg, 3, 0, 8)
+    expected = {"t2v": None, "i2v": [0], "extend_forward": [0, 1], "extend_backward": [6, 7], "connect": [0, 1, 6, 7],
+                "keyframes": [2, 6], "loop": [0], "edit": None}
+    for i, c in enumerate(clips):
+        for mode, frames in expected.items():
+            case = mode_case(mode, c, cfg, index=i)
+            if frames is None:
+                assert case.given is None and case.condition is None
+                continue
+            assert case.given.nonzero().flatten().tolist() == frames
+            clean, mask = case.condition
+            assert torch.equal(clean[:, frames], c.video[:, frames])
+            assert mask.nonzero().flatten().tolist() == (frames + [8] if mode == "loop" else frames)
+        loop = mode_case("loop", c, cfg)
+        assert loop.frames == 9 and torch.equal(loop.condition[0][:, 8], c.video[:, 0])  # the end leads into the start
+        edit = mode_case("edit", c, cfg, seed=0, index=i)
+        want, got = parse_caption(c.caption), parse_caption(edit.source)
+        assert edit.edit.shape == c.video.shape and all(want[k] != got[k] for k in want)
+    causal = load_config("recipes/tiny.yaml", ["model.temporal_causal=true", "model.attention=factorized"])
+    mode_case("extend_forward", clips[0], causal)
+    for mode in ("extend_backward", "connect", "keyframes", "loop"):
+        with pytest.raises(ValueError, match="causal in time"):
+            mode_case(mode, clips[0], causal)
+
+
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory):
-    """A 2-step tiny run evaluated by the command line: (output dir, printed table)."""
+    """A 2-step tiny run (4-frame clips: window 4) evaluated by the command line in every mode, 2 clips each, long
+    videos at 1x and 2x the window: (output dir, printed tables)."""
     run, out = tmp_path_factory.mktemp("run"), tmp_path_factory.mktemp("eval") / "out"
     Trainer(load_config("recipes/tiny.yaml", FAST + ["run.steps=2", f"run.dir={run}"])).train()
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        cli_main(["eval", "--run", str(run), "--out", str(out), "--n", "4", "--steps", "2", "--device", "cpu"])
+        cli_main(["eval", "--run", str(run), "--out", str(out), "--modes", "all", "--n", "2", "--long-n", "2",
+                  "--long-factors", "1,2", "--steps", "2", "--device", "cpu"])
     return out, printed.getvalue()
 
 
 def test_eval_command_writes_every_output(evaluated):
     out, printed = evaluated
     results = json.loads((out / "results.json").read_text())
-    assert {"run", "checkpoint", "step", "steps", "cfg_scale", "seed", "modes"} <= set(results)
-    assert results["step"] == 2 and list(results["modes"]) == ["t2v", "t2i", "i2v"]
+    assert {"run", "checkpoint", "step", "steps", "cfg_scale", "seed", "modes", "long", "window"} <= set(results)
+    assert results["step"] == 2 and results["window"] == 4 and not results["skipped"]
+    assert list(results["modes"]) == list(SHORT) and list(results["long"]) == list(LONG)
+    assert tuple(MODES) == SHORT + LONG and DEFAULT_MODES == ("t2v", "t2i", "i2v")
+    given = {"i2v": [0], "extend_forward": [0], "extend_backward": [3], "loop": [0], "connect": [0, 3],
+             "keyframes": [1, 3]}
     for name, r in results["modes"].items():
-        assert r["n"] == 4 and len(r["clips"]) == 4 and set(MEASURES) <= set(r["accuracy"])
+        assert r["n"] == 2 and len(r["clips"]) == 2 and set(MEASURES) <= set(r["accuracy"])
         assert r["chance"]["background"] == 0.1 and r["chance"]["direction"] == 0.25
+        if name in given:  # pixel space: the given frames come out exactly
+            assert r["kept_max_abs_error"] == 0 and {"jump_ratio_median", "jump_within_target"} <= set(r)
+            assert all(c["given_frames"] == given[name] and c["kept"] == 0 for c in r["clips"])
+        else:
+            assert "kept_max_abs_error" not in r
         with Image.open(out / f"contact_{name}.png") as sheet:
-            assert sheet.width > 100 and sheet.height > 4 * 32
+            assert sheet.width > 100 and sheet.height > 2 * 32
     assert results["modes"]["t2i"]["accuracy"]["direction"]["accuracy"] is None  # stills have no motion
-    i2v = results["modes"]["i2v"]
-    assert i2v["kept_max_abs_error"] < 1e-6 and "jump_ratio_median" in i2v  # pixel space: given frames exact
+    assert results["modes"]["loop"]["closure_ratio_median"] is not None
+    assert all(c["closure_ratio"] is not None for c in results["modes"]["loop"]["clips"])
+    edit = results["modes"]["edit"]
+    assert set(MEASURES) <= set(edit["source_accuracy"]) and all(c["source"] != c["caption"] for c in edit["clips"])
+    for name, by_length in results["long"].items():
+        assert list(by_length) == ["1x", "2x"]
+        for f, r in zip((1, 2), by_length.values()):
+            assert r["scheme"] == name[len("long_"):] and r["length"] == r["frames"] == 4 * f and r["chunks"] == f
+            assert r["n"] == 2 and len(r["right_by_chunk"]) == f and 0 <= r["whole_length"] <= 1
+            assert all(len(c["chunks"]) == f for c in r["clips"])
+            with Image.open(out / f"contact_{name}_{f}x.png") as sheet:
+                assert sheet.height > 2 * 32
     table = (out / "results.md").read_text()
-    assert table in printed and table.count("\n") == 6 and "| chance |" in table
+    assert table in printed and "| chance |" in table
+    lines = table.splitlines()
+    assert sum(line.startswith("| ") for line in lines) == 1 + 9 + 1 + 1 + 6  # the two tables' headers and rows
+    assert sum(line.startswith(("| autoregressive", "| long_range", "| hierarchical")) for line in lines) == 6
+    assert "edit (strength 0.7)" in table
     assert list((out / "tb").glob("events.out.tfevents.*"))
     assert (out / "report.html").is_file()
 
 
-def test_eval_command_refuses_unknown_modes(tmp_path, capsys):
-    with pytest.raises(SystemExit) as e:
-        cli_main(["eval", "--run", str(tmp_path), "--out", str(tmp_path / "o"), "--modes", "t2v,v2v"])
-    assert e.value.code == 2 and "unknown mode(s) v2v" in capsys.readouterr().err
+def test_eval_command_options(tmp_path, capsys):
+    for argv, message in ((["--modes", "t2v,v2v"], "unknown mode(s) v2v"),
+                          (["--long-factors", "2,x"], "--long-factors must be"),
+                          (["--strength", "0"], "--strength must be in (0, 1]")):
+        with pytest.raises(SystemExit) as e:
+            cli_main(["eval", "--run", str(tmp_path), "--out", str(tmp_path / "o")] + argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["eval", "--help"])
+    assert "or all (default t2v,t2i,i2v)" in " ".join(capsys.readouterr().out.split())
 
 
 def test_report_html_renders_in_headless_chromium(evaluated):
-    """The static page opened from disk in a real browser: the table and every contact sheet rendered."""
+    """The static page opened from disk in a real browser: both tables and every contact sheet rendered."""
     try:
         from playwright.sync_api import Error, sync_playwright
     except ImportError:
@@ -158,10 +275,11 @@ def test_report_html_renders_in_headless_chromium(evaluated):
             page = browser.new_page()
             page.goto((out / "report.html").resolve().as_uri())
             page.wait_for_load_state("load")
-            assert page.locator("#results tbody tr").count() == 4  # t2v, t2i, i2v, chance
+            assert page.locator("#results tbody tr").count() == 10  # 9 modes, chance
+            assert page.locator("#long tbody tr").count() == 6  # 3 schemes x 2 lengths
             assert page.locator("#results th").first.inner_text() == "mode"
             widths = page.eval_on_selector_all("img", "imgs => imgs.map(i => i.complete ? i.naturalWidth : 0)")
-            assert len(widths) == 3 and min(widths) > 0, widths
+            assert len(widths) == 9 + 6 and min(widths) > 0, widths
             table, image = page.locator("#results").bounding_box(), page.locator("img").first.bounding_box()
             assert table["width"] > 0 and image["x"] >= table["x"] + table["width"]  # beside the table
         finally:
