@@ -6,35 +6,41 @@ A checkpoint directory holds
   full/                the layout-free copy: full fp32 tensors under the plain model's names (model/, ema/,
                        exp_avg/, exp_avg_sq/), spread over the ranks' files. A resume on another layout, export
                        and generation read it; a single process writes only this.
-  rng/rank_XXXXX.pt    every rank's RNG states
-  trainer.pt           LR scheduler state and counters
+  rng/rank_XXXXX.json  every rank's RNG states (JSON)
+  trainer.json         LR scheduler state (JSON)
   meta.json            step, tokens and samples seen, layout, the model's parameter shapes
   config.yaml          the resolved config
-  manifest.json        every file with its size, written last: a missing or truncated shard is named on load
+  manifest.json        every file with its size and sha256, written last: a missing, truncated or altered file is
+                       named on load
 
-Every rank writes under `.tmp-step_X`; once all have finished (barrier), rank 0 writes the manifest, renames
-the directory and only then replaces `latest`, so a kill at any moment leaves the previous checkpoint loadable.
+Every rank writes under `.tmp-step_X`, hashing each file as it writes it (no second read); once all have finished
+(barrier), rank 0 writes the manifest, renames the directory and only then replaces `latest`, so a kill at any
+moment leaves the previous checkpoint loadable.
+
+Nothing a checkpoint holds is unpickled with code execution: tensors are safetensors, state is JSON; the pickle
+files of older checkpoints (trainer.pt, rng/rank_*.pt) and DeepSpeed's engine files are read with
+`torch.load(weights_only=True)` and an allow-list of exactly the non-tensor types they hold (SafeCheckpointEngine).
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import struct
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from parallel.gather import full as full_of
 from parallel.gather import gather_tp, is_zero3, local, slice_tp, zero3_partition
+from parallel.safe_io import (HASH, _WRITTEN, CheckpointError, _read_json, file_hash, hashed_open, rng_state,
+                             rng_to_json, write_bytes)
 
 OPTIM_KEYS = ("exp_avg", "exp_avg_sq")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be loaded; the message names the file or the keys."""
 
 
 def checkpoints_dir(run_dir: str | Path) -> Path:
@@ -45,14 +51,33 @@ def _is_complete(path: Path) -> bool:
     return (path / "manifest.json").is_file()
 
 
+def _pointer(run_dir: str | Path) -> str | None:
+    """The step directory name `checkpoints/latest` names, or None (no pointer, or an unreadable one)."""
+    pointer = checkpoints_dir(run_dir) / "latest"
+    try:
+        name = pointer.read_text().strip() if pointer.is_file() else None
+    except (OSError, UnicodeDecodeError):
+        return None
+    return name if name and re.fullmatch(r"step_\d+", name) else None
+
+
 def latest(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint of a run (`latest`, or the newest step_* with a manifest), or None."""
-    root = checkpoints_dir(run_dir)
-    pointer = root / "latest"
-    if pointer.is_file() and _is_complete(root / pointer.read_text().strip()):
-        return root / pointer.read_text().strip()
-    done = sorted(p for p in root.glob("step_*") if _is_complete(p))
-    return done[-1] if done else None
+    """The newest complete checkpoint of a run (`latest`, or the newest step_* with a manifest), or None.
+    Complete means it has a manifest; whether its files verify is `verify`'s question (see `candidates`)."""
+    found = candidates(run_dir)
+    return found[0] if found else None
+
+
+def candidates(run_dir: str | Path) -> list[Path]:
+    """The run's complete checkpoints, newest first: the one `latest` names, then older step_* by step. Step
+    directories newer than the one `latest` names are left out (a run restarted with checkpoint.resume=never)."""
+    root, name = checkpoints_dir(run_dir), _pointer(run_dir)
+    steps = sorted((p for p in root.glob("step_*") if p.is_dir() and _is_complete(p)), reverse=True)
+    if name is not None and (root / name).is_dir():
+        steps = [p for p in steps if p.name < name]
+        if _is_complete(root / name):
+            steps.insert(0, root / name)
+    return steps
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -80,11 +105,27 @@ def begin(run_dir, step: int) -> Path:
 
 def commit(run_dir, tmp: Path, keep: int) -> Path:
     """After every rank has written its part: manifest, rename, `latest`, prune to `keep` (collective)."""
+    mine = {k: v for k, v in _WRITTEN.items() if Path(k).is_relative_to(tmp.resolve())}
+    for k in mine:
+        del _WRITTEN[k]
+    (tmp / ".hashes").mkdir(exist_ok=True)
+    (tmp / ".hashes" / f"rank_{_rank():05d}.json").write_text(
+        json.dumps({str(Path(k).relative_to(tmp.resolve())): v for k, v in mine.items()}))
     _barrier()
     root, final = checkpoints_dir(run_dir), checkpoints_dir(run_dir) / tmp.name.removeprefix(".tmp-")
     if _rank() == 0:
-        files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
-        _write_atomic(tmp / "manifest.json", json.dumps(files, indent=1))
+        recorded = {}
+        for f in sorted((tmp / ".hashes").glob("*.json")):
+            recorded.update(json.loads(f.read_text()))
+        shutil.rmtree(tmp / ".hashes")
+        files = {}
+        for f in sorted(tmp.rglob("*")):
+            if f.is_file():
+                rel, size = str(f.relative_to(tmp)), f.stat().st_size
+                # hashed as written, or (a file a library wrote on its own, e.g. DeepSpeed's recovery script) now
+                digest = recorded[rel][1] if rel in recorded and recorded[rel][0] == size else file_hash(f)
+                files[rel] = {"size": size, HASH: digest}
+        _write_atomic(tmp / "manifest.json", json.dumps({"format": 2, "hash": HASH, "files": files}, indent=1))
         if final.exists():  # re-reaching a step (resumed from an older checkpoint): move the old one aside first
             old = root / f".old-{final.name}"
             shutil.rmtree(old, ignore_errors=True)
@@ -106,25 +147,6 @@ def _write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def rng_state() -> dict:
-    import random
-
-    import numpy as np
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(state: dict) -> None:
-    import random
-
-    import numpy as np
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def base_optimizer(optimizer):
@@ -176,24 +198,44 @@ def write_full(tmp: Path, named_params: list, ema: list, optimizer, rank_in_stag
 
 
 def write_rank_state(tmp: Path) -> None:
-    (tmp / "rng").mkdir(exist_ok=True)
-    torch.save(rng_state(), tmp / "rng" / f"rank_{_rank():05d}.pt")
+    write_bytes(tmp / "rng" / f"rank_{_rank():05d}.json", json.dumps(rng_to_json(rng_state())).encode())
 
 
 def write_main(tmp: Path, meta: dict, trainer_state: dict, config_yaml: str) -> None:
-    """Rank 0's part: meta.json, trainer.pt, config.yaml."""
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    torch.save(trainer_state, tmp / "trainer.pt")
-    (tmp / "config.yaml").write_text(config_yaml)
+    """Rank 0's part: meta.json, trainer.json (plain JSON: no pickle), config.yaml."""
+    write_bytes(tmp / "meta.json", json.dumps(meta, indent=1).encode())
+    write_bytes(tmp / "trainer.json", json.dumps(trainer_state, indent=1).encode())
+    write_bytes(tmp / "config.yaml", config_yaml.encode())
 
 
 def ema_shard_name(pp: int, tp: int, dp: int) -> str:
     return f"pp{pp:02d}_tp{tp:02d}_dp{dp:03d}.safetensors"
 
 
-def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+
+
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file, streamed one tensor at a time (moved to the CPU one at a time) through a hashing
+    writer: the manifest's hash costs no second read, and no copy of the whole file is held in memory."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+    header, offset = {}, 0
+    for k, v in tensors.items():
+        n = v.numel() * v.element_size()
+        header[k] = {"dtype": _ST_DTYPES[v.dtype], "shape": list(v.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    if metadata:
+        header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # tensor data starts 8-byte aligned, as safetensors writes it
+    with hashed_open(path) as f:
+        f.write(struct.pack("<Q", len(head)))
+        f.write(head)
+        for v in tensors.values():
+            if v.numel():
+                f.write(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -209,36 +251,119 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
 # Reading
 # ----------------------------------------------------------------------------------------------------------
 
-def verify(path: str | Path) -> Path:
-    """A complete checkpoint directory, or an error naming what is missing or truncated."""
+def read_manifest(path: Path) -> dict[str, dict]:
+    """{file: {"size": bytes, "sha256": hex or absent}} of a checkpoint (manifests written before checksums hold
+    sizes only)."""
+    raw = _read_json(path / "manifest.json", "the checkpoint's list of files")
+    try:
+        if isinstance(raw, dict) and raw.get("format") == 2:
+            files = {str(k): {"size": int(v["size"]), HASH: str(v[HASH])} for k, v in raw["files"].items()}
+        else:  # {file: size}
+            files = {str(k): {"size": int(v)} for k, v in raw.items()}
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path / 'manifest.json'} is not a checkpoint manifest ({type(e).__name__}: {e}); "
+                              "it is corrupt") from None
+    for rel in files:
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise CheckpointError(f"{path / 'manifest.json'} names {rel!r}, outside the checkpoint; it is corrupt")
+    return files
+
+
+def verify(path: str | Path, hashes: bool = True, share: tuple[int, int] = (0, 1)) -> Path:
+    """A complete, intact checkpoint directory, or an error naming the file that is missing, truncated or does
+    not match its checksum. With `share` = (i, n) only every n-th file from the i-th is hashed (the ranks of a
+    run split the reading); `hashes=False` checks sizes only."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist")
-    manifest = path / "manifest.json"
-    if not manifest.is_file():
+    if not (path / "manifest.json").is_file():
+        if path.name.startswith(".tmp-"):
+            raise CheckpointError(f"{path} is a checkpoint whose writing was interrupted; resume from a complete one")
         raise CheckpointError(f"checkpoint {path} is incomplete (no manifest.json): its writing was interrupted; "
                               "resume from an earlier one")
-    for rel, size in json.loads(manifest.read_text()).items():
+    files = read_manifest(path)
+    for i, (rel, entry) in enumerate(files.items()):
         f = path / rel
         if not f.is_file():
             raise CheckpointError(f"checkpoint {path} is missing {rel} (a shard or state file); it cannot be loaded")
-        if f.stat().st_size != size:
+        if f.stat().st_size != entry["size"]:
             raise CheckpointError(f"checkpoint {path}: {rel} is truncated or altered ({f.stat().st_size} bytes, "
-                                  f"{size} written)")
+                                  f"{entry['size']} written)")
+        if hashes and HASH in entry and i % share[1] == share[0] and file_hash(f) != entry[HASH]:
+            raise CheckpointError(f"checkpoint {path}: {rel} does not match its {HASH} checksum (the file is "
+                                  "corrupt or was altered)")
+    read_meta(path)
     return path
 
 
+def newest_intact(run_dir: str | Path, skip: Path | None = None) -> Path | None:
+    """The newest checkpoint of a run that verifies (every file hashed), other than `skip`."""
+    for c in candidates(run_dir):
+        if skip is not None and c.resolve() == Path(skip).resolve():
+            continue
+        try:
+            return verify(c)
+        except CheckpointError:
+            continue
+    return None
+
+
+def verify_or_offer(path: Path, hashes: bool = True) -> Path:
+    """verify(path); its error also names the newest checkpoint of the same run that verifies."""
+    try:
+        return verify(path, hashes)
+    except CheckpointError as e:
+        run = path.parent.parent if path.parent.name == "checkpoints" else None
+        other = newest_intact(run, skip=path) if run is not None else None
+        offer = (f"; the newest checkpoint that verifies is {other} (checkpoint.resume={other})" if other is not None
+                 else "; no other checkpoint of this run verifies" if run is not None else "")
+        raise CheckpointError(f"{e}{offer}") from None
+
+
 def read_meta(path: Path) -> dict:
-    return json.loads((path / "meta.json").read_text())
+    meta = _read_json(Path(path) / "meta.json", "the checkpoint's step, data position and model shapes")
+    if not isinstance(meta, dict) or not {"step", "params", "layout"} <= set(meta):
+        raise CheckpointError(f"{Path(path) / 'meta.json'} does not hold a checkpoint's meta data (step, params, "
+                              "layout); it is corrupt")
+    return meta
 
 
-def check_shapes(path: Path, meta: dict, model_shapes: dict[str, tuple]) -> None:
-    """The configured model's parameters must be the checkpoint's; the error lists the keys that differ."""
+def check_config(path: Path, config_yaml: str, keys: list[str]) -> list[str]:
+    """The `keys` (dotted, e.g. model.temporal_causal) whose value in the checkpoint's config.yaml differs from
+    `config_yaml`, each as 'key: checkpoint value -> configured value'; keys one of them lacks are skipped."""
+    import yaml
+    try:
+        saved = yaml.safe_load((Path(path) / "config.yaml").read_text()) or {}
+    except FileNotFoundError:
+        return []
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{Path(path) / 'config.yaml'} is not valid YAML ({e}); the file is corrupt") from None
+    now = yaml.safe_load(config_yaml) or {}
+
+    def get(d, key):
+        for part in key.split("."):
+            if not isinstance(d, dict) or part not in d:
+                return KeyError
+            d = d[part]
+        return d
+    out = []
+    for key in keys:
+        a, b = get(saved, key), get(now, key)
+        if a is not KeyError and b is not KeyError and a != b:
+            out.append(f"{key}: {a!r} in the checkpoint, {b!r} configured")
+    return out
+
+
+def check_shapes(path: Path, meta: dict, model_shapes: dict[str, tuple], changed: list[str] = ()) -> None:
+    """The configured model's parameters must be the checkpoint's, and its architecture keys the same (`changed`:
+    from check_config); the error lists the config keys and the parameters that differ."""
     saved = {k: tuple(v) for k, v in meta["params"].items()}
     missing, extra = sorted(set(model_shapes) - set(saved)), sorted(set(saved) - set(model_shapes))
     shape = sorted(k for k in set(saved) & set(model_shapes) if saved[k] != tuple(model_shapes[k]))
-    if missing or extra or shape:
-        parts = [f"not in the checkpoint: {missing}" if missing else "",
+    if missing or extra or shape or changed:
+        parts = ["changed: " + ", ".join(changed) + " (set them back, or start a new run: another run.dir or "
+                 "checkpoint.resume=never)" if changed else "",
+                 f"not in the checkpoint: {missing}" if missing else "",
                  f"not in the model: {extra}" if extra else "",
                  "shape differs: " + ", ".join(f"{k} {saved[k]} in the checkpoint vs {tuple(model_shapes[k])}"
                                                for k in shape) if shape else ""]
@@ -277,7 +402,7 @@ def read_weights(path: str | Path, kind: str = "ema") -> dict[str, torch.Tensor]
     path = Path(path)
     if (path / f"{kind}.safetensors").is_file():
         return read_tensors(path / f"{kind}.safetensors")
-    return FullTensors(verify(path)).state_dict(kind)
+    return FullTensors(verify_or_offer(path)).state_dict(kind)
 
 
 def load_weights(module: torch.nn.Module, path: str | Path, kind: str = "ema") -> None:
@@ -328,25 +453,32 @@ def load_full_state(full: FullTensors, named_params: list, ema: list, optimizer,
 # Inspection and export (`stdit ckpt info | export`)
 # ----------------------------------------------------------------------------------------------------------
 
-def resolve(path: str | Path) -> Path:
-    """A checkpoint directory, or a run directory's newest complete checkpoint; verified."""
+def is_run_dir(path: str | Path) -> bool:
     path = Path(path)
-    if not (path / "manifest.json").is_file() and (checkpoints_dir(path)).is_dir():
+    return not (path / "manifest.json").is_file() and checkpoints_dir(path).is_dir()
+
+
+def resolve(path: str | Path, hashes: bool = True) -> Path:
+    """A checkpoint directory, or a run directory's newest complete checkpoint; verified (a mismatch names the
+    file and the newest checkpoint that verifies)."""
+    path = Path(path)
+    if is_run_dir(path):
         found = latest(path)
         if found is None:
             raise CheckpointError(f"run {path} holds no complete checkpoint")
         path = found
-    return verify(path)
+    return verify_or_offer(path, hashes)
 
 
-def describe(path: str | Path) -> str:
-    """What a checkpoint holds, for `stdit ckpt info`."""
-    path = resolve(path)
-    meta, files = read_meta(path), json.loads((path / "manifest.json").read_text())
+def describe(path: str | Path, hashes: bool = True) -> str:
+    """What a checkpoint holds, for `stdit ckpt info` (`hashes=False`: sizes only, --fast)."""
+    path = resolve(path, hashes)
+    meta, files = read_meta(path), read_manifest(path)
     params = sum(torch.Size(s).numel() for s in meta["params"].values())
+    hashed = sum(HASH in e for e in files.values())
 
     def part(prefix: str) -> str:
-        sel = {k: v for k, v in files.items() if k.startswith(prefix)}
+        sel = {k: v["size"] for k, v in files.items() if k.startswith(prefix)}
         return f"{len(sel)} files, {sum(sel.values()) / 2 ** 20:.2f} MiB" if sel else "none"
     return "\n".join([
         f"checkpoint   {path}",
@@ -358,6 +490,9 @@ def describe(path: str | Path) -> str:
         f"ema/         {part('ema/')}  (EMA shards)",
         f"full/        {part('full/')}  (layout-free model, EMA, Adam state: any layout, export)",
         f"complete     yes: {len(files)} files, sizes as written",
+        "checksums    " + ("none recorded (written before checksums): sizes only" if not hashed else
+                            f"verified: {HASH} of {hashed} files as written" if hashes else
+                            f"not checked (--fast); {hashed} recorded"),
     ])
 
 
@@ -370,8 +505,9 @@ def export(path: str | Path, out: str | Path) -> Path:
     full = FullTensors(path)
     out.mkdir(parents=True, exist_ok=True)
     for kind in ("ema", "model"):
-        save_file(full.state_dict(kind), str(out / f"{kind}.safetensors"),
-                  metadata={"step": str(read_meta(path)["step"]), "source": str(path)})
+        write_tensors(out / f"{kind}.safetensors", full.state_dict(kind),
+                      metadata={"step": str(read_meta(path)["step"]), "source": str(path)})
+        _WRITTEN.pop(str((out / f"{kind}.safetensors").resolve()), None)
     shutil.copyfile(path / "config.yaml", out / "config.yaml")
     stats = path.parent.parent / "latent_stats.json"  # an autoencoder's latent scaling, kept in its run dir
     if stats.is_file():

@@ -2,9 +2,12 @@
 
 What goes where is in parallel/checkpoint.py (the format and the commit protocol). Here is the order of things:
 
-    ckpt = Checkpointer(run_dir, dims, keep, config_yaml)
-    path = ckpt.find(resume)             # before any process-group work: a missing / truncated file stops here
-    ckpt.prepare(path, model, shapes)    # shapes checked; on another layout, full weights into the plain model
+    ckpt = Checkpointer(run_dir, dims, keep, config_yaml, fixed_keys)
+    path = ckpt.find(resume)             # before any process-group work: a missing / truncated / altered file
+                                         # stops here (auto: the newest intact checkpoint, said loudly)
+    path = ckpt.agree()                  # after dims.init(): every rank hashed its share of the files; all agree
+    ckpt.prepare(path, model, shapes)    # config keys and shapes checked; on another layout, full weights into
+                                         # the plain model
     ...  parallelize, build the engine ...
     ckpt.attach(engine, names)           # names: the plain model's name of each of engine.module's parameters
     meta, state = ckpt.load()            # engine shards (same layout, bit-exact) or the layout-free copy
@@ -16,23 +19,124 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from parallel import checkpoint as fmt
-from parallel.dims import ParallelDims
+from parallel import safe_io
+from parallel.dims import ParallelDims, launch_env
 
 
 class Checkpointer:
-    def __init__(self, run_dir, dims: ParallelDims, keep: int, config_yaml: str):
+    def __init__(self, run_dir, dims: ParallelDims, keep: int, config_yaml: str, fixed_keys: list[str] = ()):
+        """`fixed_keys`: dotted config keys a resumed run must not change (the architecture: model.*)."""
         self.run_dir, self.dims, self.keep, self.config_yaml = Path(run_dir), dims, keep, config_yaml
+        self.fixed_keys = list(fixed_keys)
         self.path, self.meta, self.full = None, None, None
+        self._cands, self._choice, self._explicit, self._agreed = [], 0, False, None
 
     # ---- before the engine --------------------------------------------------------------------------------
     def find(self, resume: str) -> Path | None:
-        """The checkpoint to resume from: `never` -> None, `auto` -> the run's newest complete one, or a path."""
+        """The checkpoint to resume from: `never` -> None; `auto` -> the run's newest checkpoint that verifies
+        (an older one when newer ones are damaged, said loudly on stderr; none deleted); a checkpoint PATH
+        (verified, or an error naming the file and the newest one that verifies); a run directory PATH -> its
+        newest that verifies. Each process hashes its share of the files; agree() settles on one for all."""
         if resume == "never":
             return None
-        path = fmt.latest(self.run_dir) if resume == "auto" else Path(resume)
-        return None if path is None else fmt.verify(path)
+        rank, world, _ = launch_env()
+        self._share = (rank, world)
+        if resume != "auto" and not fmt.is_run_dir(resume):
+            path = Path(resume)
+            if path.is_dir() and not (path / "manifest.json").is_file() and not path.name.startswith(".tmp-"):
+                raise fmt.CheckpointError(f"checkpoint.resume={resume} is neither a checkpoint directory (no "
+                                          "manifest.json) nor a run directory (no checkpoints/)")
+            self._cands, self._explicit = [path], True
+        else:
+            run = self.run_dir if resume == "auto" else Path(resume)
+            self._cands = fmt.candidates(run)
+            if not self._cands:
+                self._refuse_lost_run(run)
+                if resume != "auto":
+                    raise fmt.CheckpointError(f"checkpoint.resume={resume}: that run directory holds no complete "
+                                              "checkpoint")
+                return None
+        self._problems: dict[int, str] = {}
+        self._choice, self._agreed = self._first_intact(0), None
+        if world == 1:  # nothing to agree on: decided (or refused) before any process-group work
+            self._agreed = self._chosen()
+            return self._agreed
+        return self._cands[self._choice] if self._choice < len(self._cands) else None
+
+    def _refuse_lost_run(self, run: Path) -> None:
+        """A run whose metrics exist but whose checkpoints are gone would restart at step 0 and append to them."""
+        metrics = run / "metrics.jsonl"
+        if metrics.is_file() and metrics.stat().st_size > 0:
+            pointer = fmt.checkpoints_dir(run) / "latest"
+            gone = (f"checkpoints/latest names {pointer.read_text(errors='replace').strip()!r}, which is gone"
+                    if pointer.is_file() else "no complete checkpoint is left in checkpoints/")
+            raise fmt.CheckpointError(
+                f"run directory {run} has logged steps (metrics.jsonl) but {gone}; starting over would restart at "
+                "step 0 and mix two runs' metrics. Use another run.dir, or set checkpoint.resume=never to start "
+                "over here deliberately")
+
+    def _first_intact(self, start: int) -> int:
+        """Index of the first candidate from `start` whose share of files verifies on this process."""
+        for i in range(start, len(self._cands)):
+            try:
+                fmt.verify(self._cands[i], share=self._share)
+                return i
+            except fmt.CheckpointError as e:
+                self._problems[i] = str(e)
+                if self._explicit:  # a checkpoint named by the user: no fallback, but say what does verify
+                    self._problems[i] = str(self._offer(e))
+        return len(self._cands)
+
+    def _offer(self, e: Exception) -> Exception:
+        path = self._cands[0]
+        run = path.parent.parent if path.parent.name == "checkpoints" else None
+        other = fmt.newest_intact(run, skip=path) if run is not None else None
+        if other is None:
+            return e
+        return fmt.CheckpointError(f"{e}; the newest checkpoint that verifies is {other} "
+                                   f"(checkpoint.resume={other})")
+
+    def agree(self) -> Path | None:
+        """After the process groups exist: the newest candidate every process verified its share of (collective;
+        one process: what find() chose)."""
+        if not self._cands:
+            return None
+        if self._agreed is not None:
+            return self._agreed
+        if dist.is_initialized():
+            while True:
+                t = torch.tensor([self._choice], dtype=torch.int64)
+                dist.all_reduce(t, op=dist.ReduceOp.MAX)
+                changed = torch.tensor([0], dtype=torch.int64)
+                if int(t) != self._choice:
+                    self._choice, changed[0] = self._first_intact(int(t)), 1
+                dist.all_reduce(changed, op=dist.ReduceOp.MAX)
+                if not int(changed):
+                    break
+        return self._chosen()
+
+    def _chosen(self) -> Path:
+        """The agreed candidate, after saying loudly which newer ones were passed over; or the error."""
+        if self._choice >= len(self._cands):
+            mine = [self._problems[i] for i in sorted(self._problems)]
+            if self._explicit:
+                raise fmt.CheckpointError(mine[0] if mine else f"checkpoint {self._cands[0]} does not verify on "
+                                          "another process (see its error)")
+            raise fmt.CheckpointError(
+                "no checkpoint of the run verifies: " + ("; ".join(mine) if mine else "see the other processes' "
+                                                         "errors") + ". Set checkpoint.resume=never to start over")
+        chosen = self._cands[self._choice]
+        if self._choice > 0:
+            skipped = [self._problems.get(i, f"{self._cands[i].name}: a file checked by another process does not "
+                                          "verify") for i in range(self._choice)]
+            if launch_env()[0] == 0 or any(i in self._problems for i in range(self._choice)):
+                print("!" * 100 + "\nWARNING: the newest checkpoint(s) do not verify:\n  " + "\n  ".join(skipped)
+                      + f"\nresuming from the newest intact checkpoint {chosen} instead (nothing was deleted)\n"
+                      + "!" * 100, file=sys.stderr, flush=True)
+        return chosen
 
     def same_layout(self) -> bool:
         """Whether the engine's own shards can be loaded (same layout, written by a distributed run)."""
@@ -46,7 +150,7 @@ class Checkpointer:
         if path is None:
             return
         self.meta = fmt.read_meta(path)
-        fmt.check_shapes(path, self.meta, shapes)
+        fmt.check_shapes(path, self.meta, shapes, fmt.check_config(path, self.config_yaml, self.fixed_keys))
         if not self.same_layout():
             self.full = fmt.FullTensors(path)
             model.load_state_dict(self.full.state_dict("model"))
@@ -76,15 +180,14 @@ class Checkpointer:
         else:
             fmt.load_full_state(self.full, self._named(), ema, self.engine.optimizer, meta["optimizer_step"])
             self.full = None
-        state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
+        state = safe_io.read_trainer_state(path)
         scheduler = self.engine.scheduler
         scheduler.load_state_dict(state["scheduler"])
         for group, lr in zip(fmt.base_optimizer(self.engine.optimizer).param_groups, scheduler.get_last_lr()):
             group["lr"] = lr  # the scheduler's state does not carry over to the optimizer by itself
         if meta["layout"] == self.dims.describe():  # every rank's random streams, where ranks are the same
             rank = self.dims.rank("world")
-            fmt.set_rng_state(torch.load(path / "rng" / f"rank_{rank:05d}.pt", map_location="cpu",
-                                         weights_only=False))
+            safe_io.set_rng_state(safe_io.read_rng(path, rank))
         if self.dims.rank("world") == 0:
             how = "same layout" if meta["layout"] == self.dims.describe() else f"re-laid out from {meta['layout']}"
             print(f"resumed from {path} at step {meta['step']} ({how})", file=sys.stderr)

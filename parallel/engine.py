@@ -1,7 +1,8 @@
 """Engines: what runs a step's micro-batches and the optimizer. One interface, two implementations.
 
     engine.train_batch(items, loss_fn) -> this rank's part of the step's loss (a float64 tensor on the device)
-    engine.step() -> (grad norm, lr)
+    engine.step() -> (grad norm, lr); engine.skipped: the step was not applied (non-finite gradients: neither
+                     the optimizer nor the LR schedule moved, on every rank alike)
     engine.ema.update(decay); engine.module; engine.optimizer (the one holding Adam's state); engine.scheduler
 
 `items` are (inputs, labels) per micro-batch; `loss_fn(output, labels)` is that micro-batch's share of the step's
@@ -15,6 +16,7 @@ or DeepSpeed's pipeline engine when the module is a PipelineModule.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 
@@ -57,8 +59,10 @@ class TorchEngine:
     def step(self) -> tuple[float, float]:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clip)
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
+        self.skipped = not bool(torch.isfinite(grad_norm))  # as DeepSpeed's ZeRO optimizers skip an overflow
+        if not self.skipped:
+            self.optimizer.step()
+            self.scheduler.step()
         return float(grad_norm), lr
 
     def save_shards(self, path) -> None:
@@ -100,6 +104,10 @@ class DeepSpeedEngine:
         mpu = None if self.pipelined else MegatronMPU(dims)  # a PipelineModule brings its grid (same rank order)
         self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                                     mpu=mpu, config=deepspeed_config(dims, grad_clip, bf16))
+        # its engine files are loaded with weights_only=True (DeepSpeed's own plain types allowed, nothing else)
+        # and hashed as they are written
+        from parallel.safe_io import safe_checkpoint_engine
+        self.engine.checkpoint_engine = safe_checkpoint_engine(self.engine._config)
         self.module, self.optimizer, self.scheduler = self.engine.module, self.engine.optimizer, scheduler
         self.ema = EMA(self.module)
         self.replicas = dims.size("dp_cp")  # the engine averages gradients over these
@@ -112,6 +120,13 @@ class DeepSpeedEngine:
             def clip_and_keep_norm():
                 engine._global_grad_norm = float(clip_grad_norm_(engine.module.parameters(),
                                                                   engine.gradient_clipping(), mpu=engine.mpu))
+                # a non-finite norm skips the step as ZeRO's overflow check does: no gradients for the optimizer
+                # to apply, and `overflow` makes the engine leave the LR schedule where it is
+                overflow = not math.isfinite(engine._global_grad_norm)
+                if overflow:
+                    for p in engine.module.parameters():
+                        p.grad = None
+                engine.optimizer.overflow = overflow
             engine.clip_fp32_gradients = clip_and_keep_norm
 
     def train_batch(self, items, loss_fn) -> torch.Tensor:
@@ -147,6 +162,7 @@ class DeepSpeedEngine:
     def step(self) -> tuple[float, float]:
         if not self.pipelined:
             self.engine.step()
+        self.skipped = not self.engine.was_step_applied()
         return float(self.engine.get_global_grad_norm() or float("nan")), self.lr
 
     def save_shards(self, path) -> None:

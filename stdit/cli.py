@@ -10,12 +10,15 @@ USAGE = """usage: stdit COMMAND ...
 commands:
   train RECIPE [key=value ...]   train (same as python -m stdit.train)
   generate --run RUN_DIR --prompt TEXT [--frames N --height H --width W] --out FILE
-  eval --run RUN_DIR --out DIR [--n N] [--modes t2v,t2i,i2v]   does the model follow prompts? (synthetic world)
+                                 [--condition | --extend-forward | --extend-backward | --loop | --connect |
+                                  --keyframe | --edit | --length N --scheme S]   every mode (stdit generate -h)
+  eval --run RUN_DIR --out DIR [--n N] [--modes t2v,t2i,i2v|all]   does the model follow prompts? (synthetic world)
   vae reconstruct --run RUN_DIR IN_VIDEO OUT_VIDEO   encode + decode a video with a trained autoencoder
   vae stats --run RUN_DIR        measure the autoencoder's latent mean / std on its training data
   data shard SRC OUT [--manifest F] probe video/image files with captions, write webdataset tar shards
   data cache --vae RUN [--text-encoder PATH] SRC_SHARDS... OUT   encode shards once: latents + caption embeddings
-  ckpt info PATH                 what a checkpoint (or a run's newest one) holds; checks it is complete
+  ckpt info PATH [--fast]        what a checkpoint (or a run's newest one) holds; checks every file's size and
+                                 checksum (--fast: sizes only)
   ckpt export PATH OUT           consolidated EMA + raw weights (safetensors) and config, for `generate --run OUT`
   slurm submit RECIPE [key=value ...] --nodes N --gpus-per-node G --time T [--dry-run]
                                  render slurm/train.sbatch for the allocation, check the layout fits, sbatch it
@@ -31,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(0 if argv else 2)
     command, rest = argv[0], argv[1:]
     from parallel.checkpoint import CheckpointError
-    from stdit.config import ConfigError
+    from stdit.config import ConfigError, TrainingError
     try:
         if command == "train":
             from stdit.commands import train
@@ -63,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             print(f"stdit: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
             raise SystemExit(2)
-    except (ConfigError, CheckpointError, FileNotFoundError, FileExistsError) as e:
+    except (ConfigError, CheckpointError, TrainingError, FileNotFoundError, FileExistsError) as e:
         print(f"stdit {command}: error: {e}", file=sys.stderr)
         raise SystemExit(2)
 

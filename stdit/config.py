@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
@@ -17,6 +18,10 @@ from stdit.grid import token_grid
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the key and what to change."""
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (non-finite steps, too much undecodable data); the message says why and what to do."""
 
 
 @dataclass
@@ -145,6 +150,10 @@ class DataConfig:
     """data.source=shards: when > 0, the frame stride is source fps / target_fps (rounded, >= 1) per clip."""
     cached: bool = False
     """data.source=shards: the shards are `stdit data cache` output (autoencoder latents + caption embeddings)."""
+    max_bad_fraction: float = 0.01
+    """data.source=shards: a sample that cannot be read (truncated shard, empty or corrupt member) is replaced by a
+    deterministic substitute of the same shape (logged with shard and offset, counted in metrics as bad_samples);
+    the run stops when more than this fraction of max(samples seen, dataset size) was bad."""
     window: int = 0
     """Token frames a training sample holds at most: a longer clip trains on this many of its frames per step,
     drawn from a span of at most data.max_span frames, each with its time index (FDM long-video training;
@@ -176,6 +185,9 @@ class OptimConfig:
     """Clip the global gradient norm to this (0: no clipping)."""
     ema_decay: float = 0.99
     """EMA of the weights used for generation (0: EMA equals the weights)."""
+    max_bad_steps: int = 10
+    """A step whose loss or gradient norm is not finite is skipped (no optimizer or LR step, counted in metrics as
+    skipped_steps); this many in a row stop the run (non-zero exit) without writing a checkpoint."""
 
 
 @dataclass
@@ -204,6 +216,9 @@ class VAEConfig:
     """Weight of a perceptual term: squared distance of features from vae.perceptual_net (0: off)."""
     perceptual_net: str | None = None
     """Local TorchScript file of a frozen feature network [N, 3, H, W] -> features (e.g. an exported LPIPS trunk)."""
+    trust_perceptual_net: bool = False
+    """Loading a TorchScript file runs the code it holds: vae.perceptual_net is refused unless this is true, which
+    says you made that file or trust whoever did."""
     tile_frames: int = 8
     """Tiled encode/decode: latent frames per temporal chunk, streamed through causal caches (exact; 0: whole)."""
     tile_size: int = 256
@@ -234,7 +249,8 @@ class CheckpointConfig:
     keep: int = 2
     """Keep this many newest checkpoints."""
     resume: str = "auto"
-    """auto (from run.dir's latest complete checkpoint, if any) | never | PATH to a checkpoint directory. The layout
+    """auto (from run.dir's newest checkpoint whose files verify, if any; an older one when newer ones are damaged,
+    said loudly) | never | PATH to a checkpoint directory | PATH to a run directory (its newest). The layout
     (parallel.*, number of processes) may differ from the one that wrote it."""
 
 
@@ -262,8 +278,21 @@ def _read_recipe(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
         raise ConfigError(f"recipe {path} does not exist")
     if path in seen:
         raise ConfigError(f"recipe {path} includes itself through `defaults`")
-    raw = OmegaConf.load(path)
-    bases = raw.pop("defaults", []) if isinstance(raw, DictConfig) else []
+    try:
+        raw = OmegaConf.load(path)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"recipe {path}{where}: not valid YAML ({what})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"recipe {path}: not UTF-8 text ({e})") from None
+    if not isinstance(raw, DictConfig):
+        raise ConfigError(f"recipe {path}: must be a mapping of config keys (key: value lines), got a list")
+    bases = raw.pop("defaults", [])
+    if isinstance(bases, str) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"recipe {path}: `defaults` must be a list of recipe paths, e.g. `defaults: [base]`, "
+                          f"got {OmegaConf.to_container(bases) if not isinstance(bases, str) else repr(bases)}")
     merged = OmegaConf.create()
     for base in bases:
         base_path = Path(base) if Path(base).is_absolute() else path.parent / base
@@ -339,6 +368,8 @@ def validate(cfg: Config) -> None:
     _check(cfg.run.device in ("auto", "cpu", "cuda"), "run.device", f"must be auto, cpu or cuda, got {cfg.run.device!r}")
     _check(len(m.patch_size) == 3 and all(s >= 1 for s in m.patch_size), "model.patch_size",
            f"must be three positive ints (pt, ph, pw), got {m.patch_size}")
+    _check(m.hidden_size >= 1, "model.hidden_size", f"must be >= 1, got {m.hidden_size}")
+    _check(m.num_heads >= 1, "model.num_heads", f"must be >= 1, got {m.num_heads}")
     _check(m.hidden_size % m.num_heads == 0, "model.num_heads",
            f"{m.num_heads} heads do not divide model.hidden_size={m.hidden_size}; pick a divisor of it")
     head_dim = m.hidden_size // max(m.num_heads, 1)
@@ -366,6 +397,7 @@ def validate(cfg: Config) -> None:
     _check(d.micro_batches >= 0, "data.micro_batches", f"must be >= 0, got {d.micro_batches}")
     _check(d.micro_batches == 0 or d.lookahead >= 1, "data.lookahead", f"must be >= 1, got {d.lookahead}")
     _check(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+    _check(0.0 <= d.max_bad_fraction <= 1.0, "data.max_bad_fraction", f"must be in [0, 1], got {d.max_bad_fraction}")
     _check(d.frame_stride >= 1, "data.frame_stride", f"must be >= 1, got {d.frame_stride}")
     _check(d.target_fps >= 0, "data.target_fps", f"must be >= 0 (0: use data.frame_stride), got {d.target_fps}")
     _check(not d.cached or d.source == "shards", "data.cached", "cached latents are read from data.shards; "
@@ -388,6 +420,7 @@ def validate(cfg: Config) -> None:
     _check(o.lr > 0, "optim.lr", "must be > 0")
     _check(0.0 <= o.ema_decay < 1.0, "optim.ema_decay", "must be in [0, 1)")
     _check(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    _check(o.max_bad_steps >= 1, "optim.max_bad_steps", f"must be >= 1, got {o.max_bad_steps}")
     for key in ("tp", "pp", "cp"):
         _check(getattr(p, key) >= 1, f"parallel.{key}", f"must be >= 1, got {getattr(p, key)}")
     _check(p.zero in (0, 1, 2, 3), "parallel.zero", f"must be 0, 1, 2 or 3, got {p.zero}")
@@ -464,6 +497,9 @@ def validate_vae(cfg: Config) -> None:
            "set parallel.tp, parallel.pp and parallel.cp to 1")
     _check(v.perceptual_weight == 0 or v.perceptual_net is not None, "vae.perceptual_net",
            "vae.perceptual_weight > 0 needs a local TorchScript feature network in vae.perceptual_net")
+    _check(v.perceptual_weight == 0 or v.trust_perceptual_net, "vae.perceptual_net",
+           f"{v.perceptual_net} is a TorchScript program: loading it runs the code it holds. Set "
+           "vae.trust_perceptual_net=true only if you made that file or trust whoever did")
 
 
 def validate_layout(cfg: Config, world_size: int):

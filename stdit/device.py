@@ -9,5 +9,7 @@ import torch
 def resolve_device(name: str) -> torch.device:
     """auto: cuda when one is visible, else cpu; an explicit cuda without a visible GPU is an error."""
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("run.device=cuda but no CUDA device is visible; use run.device=auto or cpu")
+        from stdit.config import ConfigError
+        raise ConfigError("run.device=cuda (or --device cuda) but no CUDA device is visible here "
+                          "(torch.cuda.is_available() is false); use auto or cpu")
     return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))

@@ -23,13 +23,13 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from parallel.checkpoint import load_weights
+from parallel.checkpoint import latest, load_weights
 from parallel.checkpointer import Checkpointer
 from parallel.context import local_tokens
 from parallel.dims import launch_env
 from parallel.engine import build_engine
 from stdit.autoencoder import load_vae
-from stdit.config import Config, ConfigError, to_yaml, validate_layout
+from stdit.config import Config, ConfigError, TrainingError, to_yaml, validate_layout
 from stdit.data.loader import StepSampler, build_dataset
 from stdit.data.steps import StepBuilder
 from stdit.data.video import to_uint8, write_video
@@ -69,9 +69,11 @@ class Trainer:
         resolve_backend(cfg.model.attention_backend, self.device)  # fail now, not in the first forward
         self.run_dir = Path(cfg.run.dir)
         config_yaml = to_yaml(cfg)
-        self.checkpointer = Checkpointer(self.run_dir, self.dims, cfg.checkpoint.keep, config_yaml)
+        self.checkpointer = Checkpointer(self.run_dir, self.dims, cfg.checkpoint.keep, config_yaml,
+                                         self.architecture_keys())
         resume = self.checkpointer.find(cfg.checkpoint.resume)  # checked before any process-group work
         self.dims.init()  # process groups where the layout has them
+        resume = self.checkpointer.agree()  # every rank hashed its share of the checkpoint's files
         torch.manual_seed(cfg.run.seed)  # every rank builds the same full model, then keeps its shard
         model = self.build_model().to(self.device)
         self.checkpointer.prepare(resume, model, {k: list(v.shape) for k, v in model.named_parameters()})
@@ -93,8 +95,11 @@ class Trainer:
                                    cfg.data.num_workers, self.data_share())
         if cfg.data.cached:
             self.check_cache(self.batches.dataset)
+        self.bad_samples, self.step_bad = 0, 0  # unreadable samples substituted: in all; this rank's, this step
+        self.check_bad_data(0)
         self.logger = MetricsLogger(self.run_dir, enabled=self.is_main)
         self.step, self.tokens_seen, self.stop_signal = 0, 0, None
+        self.skipped_steps, self.bad_streak = 0, 0  # non-finite steps: in all, and in a row now
 
     # ------------------------------------------------------------------------------------------------------
     # What the model is (overridden by the autoencoder's trainer)
@@ -109,6 +114,11 @@ class Trainer:
 
     def parallelize(self, model: torch.nn.Module) -> torch.nn.Module:
         return parallelize_stdit(model, self.dims)
+
+    def architecture_keys(self) -> list[str]:
+        """Config keys a resume must not change (compared with the checkpoint's config.yaml, named on mismatch)."""
+        runtime = {"attention_backend", "activation_checkpointing", "vae"}  # change how, not what, it computes
+        return [f"model.{f.name}" for f in dataclasses.fields(self.cfg.model) if f.name not in runtime]
 
     def plain_name(self, name: str) -> str:
         """The plain model's name of a parameter of the (parallelized) module, for the layout-free checkpoint."""
@@ -133,10 +143,31 @@ class Trainer:
                               f" and the text encoder gives {self.text_encoder.dim}; set model.vae and text.* to "
                               "what `stdit data cache` used (its OUT/cache.json)")
 
+    def check_bad_data(self, bad: int) -> None:
+        """Stop when more than data.max_bad_fraction of the data was bad: of the shards' indexed samples (probes
+        that cannot be read), or of max(samples seen, dataset size) (samples that could not be decoded)."""
+        dataset, frac = self.batches.dataset, self.cfg.data.max_bad_fraction
+        dropped = len(getattr(dataset, "dropped", ()))
+        if dropped > frac * (len(dataset) + dropped):
+            raise TrainingError(f"{dropped} of {len(dataset) + dropped} samples of data.shards cannot be indexed "
+                                f"(listed above), more than data.max_bad_fraction={frac}; repair or remove the "
+                                "shards, or raise data.max_bad_fraction")
+        self.bad_samples += int(bad)
+        seen = max(self.batches.samples_consumed(getattr(self, "step", 0)), len(dataset))
+        if self.bad_samples > frac * seen:
+            raise TrainingError(f"{self.bad_samples} samples could not be decoded (each logged "
+                                f"above with its shard and offset and replaced), more than data.max_bad_fraction="
+                                f"{frac} of {seen}; repair or remove those shards, or raise data.max_bad_fraction")
+
+    def count_bad(self, samples: list) -> list:
+        """Note this rank's substituted samples of the step (the dataset marks them `bad`)."""
+        self.step_bad = sum(getattr(s, "bad", None) is not None for s in samples)
+        return samples
+
     def global_batch(self, step: int) -> tuple[list, object]:
         """Step `step`'s plan and this rank's samples of it; with model.vae, pixel videos become (scaled)
         latents, encoded on the fly (cached shards hold latents already)."""
-        samples, plan = self.batches.samples(step), self.batches.plan(step)
+        samples, plan = self.count_bad(self.batches.samples(step)), self.batches.plan(step)
         if self.vae is None:
             return samples, plan
         return [s if s.latent else dataclasses.replace(
@@ -176,11 +207,23 @@ class Trainer:
         self.sums: dict[str, torch.Tensor] = {}  # loss parts a loss() may add, reduced with the loss
         items, stats = self.micro_batches(self.step)
         loss = self.engine.train_batch(items, self.loss)
-        grad_norm, lr = self.engine.step()
-        self.engine.ema.update(min(self.cfg.optim.ema_decay, (1 + self.step) / (10 + self.step)))
+        grad_norm, lr = self.engine.step()  # skipped (on every rank) when the gradients are not finite
+        skipped = getattr(self.engine, "skipped", False)
+        if not skipped:
+            self.engine.ema.update(min(self.cfg.optim.ema_decay, (1 + self.step) / (10 + self.step)))
         self.step += 1
-        totals = self.reduce_step({"loss": loss, **self.sums}, {"model_flops": stats.pop("model_flops", 0.0)})
-        return self.metrics(totals, stats, grad_norm, lr, time.perf_counter() - start)
+        totals = self.reduce_step({"loss": loss, **self.sums}, {"model_flops": stats.pop("model_flops", 0.0),
+                                                                "bad_samples": self.step_bad})
+        step_bad = int(totals.pop("bad_samples"))
+        bad = skipped or not math.isfinite(totals["loss"]) or not math.isfinite(grad_norm)
+        self.skipped_steps += bad
+        self.bad_streak = self.bad_streak + 1 if bad else 0
+        metrics = self.metrics(totals, stats, grad_norm, lr, time.perf_counter() - start)
+        metrics["skipped_steps"] = self.skipped_steps
+        if step_bad or self.bad_samples:
+            metrics["bad_samples"] = step_bad
+        self.check_bad_data(step_bad)
+        return metrics
 
     def reduce_step(self, losses: dict, per_dp: dict) -> dict[str, float]:
         """Sums over the ranks, in one collective on the training device: loss-like values that each dp x cp
@@ -222,6 +265,7 @@ class Trainer:
 
     def save(self) -> Path:
         data = {"samples_seen": self.batches.samples_consumed(self.step), "data_state": self.batches.state(self.step)}
+        data.update(bad_samples=self.bad_samples, skipped_steps=self.skipped_steps)
         return self.checkpointer.save(self.step, {"tokens_seen": self.tokens_seen, **data},
                                       {"scheduler": self.engine.scheduler.state_dict()})
 
@@ -229,6 +273,7 @@ class Trainer:
         meta, _ = self.checkpointer.load()
         if meta is not None:
             self.step, self.tokens_seen = meta["step"], meta["tokens_seen"]
+            self.bad_samples, self.skipped_steps = meta.get("bad_samples", 0), meta.get("skipped_steps", 0)
             self.batches.resume(self.step, meta.get("data_state", meta["samples_seen"]))
 
     def train(self) -> list[dict]:
@@ -241,18 +286,24 @@ class Trainer:
         while self.step < cfg.run.steps:
             metrics = self.train_step()
             history.append(metrics)
-            if self.step % cfg.run.log_every == 0 or self.step == cfg.run.steps:
+            if self.step % cfg.run.log_every == 0 or self.step == cfg.run.steps or self.bad_streak:
                 self.logger.log(metrics)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
             bar.update(1)
+            if self.bad_streak >= cfg.optim.max_bad_steps:
+                self._stop_non_finite(bar, previous)
             if self.stop_signal is not None:
                 break
-            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.run.steps:
+            # never a checkpoint right after a non-finite step: it must not rotate a good one out
+            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.run.steps \
+                    and not self.bad_streak:
                 self.save()
         bar.close()
         self.batches.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if self.bad_streak:
+            self._stop_non_finite(bar, previous)
         saved = self.save()
         if self.stop_signal is None:
             if self.is_main:
@@ -263,6 +314,21 @@ class Trainer:
         if self.dims.distributed:
             dist.barrier()
         return history
+
+    def _stop_non_finite(self, bar, previous) -> None:
+        """Too many non-finite steps in a row (or the run ended on one): stop without writing a checkpoint."""
+        bar.close()
+        self.batches.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        self.logger.close()
+        newest = latest(self.run_dir)
+        raise TrainingError(
+            f"{self.bad_streak} step(s) in a row up to step {self.step} had a non-finite loss or gradient norm "
+            f"(optim.max_bad_steps={self.cfg.optim.max_bad_steps}; the optimizer skipped them, "
+            f"{self.skipped_steps} skipped in all); stopped without writing a checkpoint. Newest checkpoint: "
+            f"{newest if newest is not None else 'none'}. Lower optim.lr, check the data, or resume from an "
+            "earlier checkpoint (checkpoint.resume=PATH)")
 
     def _request_stop(self, signum, frame) -> None:
         """SIGTERM / SIGUSR1 (SLURM's warning before a time limit or preemption): finish the step, save, exit 0.

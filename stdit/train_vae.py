@@ -16,6 +16,7 @@ import torch
 
 from parallel.checkpoint import load_weights
 from stdit.autoencoder import compute_latent_stats
+from stdit.config import ConfigError
 from stdit.data.video import to_uint8, write_video
 from stdit.diffusion.rectified_flow import sample_generator
 from stdit.models.vae import VideoVAE, kl_divergence
@@ -29,12 +30,19 @@ class VAETrainer(Trainer):
         self.text_encoder, self.vae = None, None
         self.perceptual = None
         if self.cfg.vae.perceptual_weight > 0:
+            if not self.cfg.vae.trust_perceptual_net:  # validate() says so too; never load it without the opt-in
+                raise ConfigError(f"vae.perceptual_net: {self.cfg.vae.perceptual_net} is a TorchScript program; "
+                                  "set vae.trust_perceptual_net=true only if you trust it")
             self.perceptual = torch.jit.load(self.cfg.vae.perceptual_net, map_location=self.device).eval()
             self.perceptual.requires_grad_(False)
         return VideoVAE(self.cfg.vae)
 
     def parallelize(self, model):
         return model
+
+    def architecture_keys(self) -> list[str]:
+        return [f"vae.{k}" for k in ("in_channels", "latent_channels", "base_channels", "channel_mult",
+                                     "temporal_down", "num_res_blocks", "mid_attention", "norm_groups")]
 
     def plain_name(self, name: str) -> str:
         return name
@@ -49,8 +57,9 @@ class VAETrainer(Trainer):
         """Every dp-th sample of the step, as ((video, posterior noise), (video, weight)); ranks with fewer
         samples repeat one with weight 0 (ZeRO reduces per backward: equal counts everywhere)."""
         cfg = self.cfg
-        samples = self.batches.samples(step)
+        samples = self.count_bad(self.batches.samples(step))
         n, dp, rank = len(samples), self.dims.dp, self.dims.rank("dp")
+        self.step_bad *= rank == 0  # every rank loads the whole step: one counts
         mine = samples[rank::dp]
         weights = [1.0] * len(mine) + [0.0] * (-(-n // dp) - len(mine))
         mine += [samples[0]] * (len(weights) - len(mine))

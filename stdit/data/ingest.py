@@ -23,14 +23,25 @@ def find_items(src: Path, manifest: Path | None = None) -> tuple[list[tuple[Path
     """([(media file, caption)], [(file, why skipped)]) from a folder walk with .txt captions, or a manifest."""
     items, skipped = [], []
     if manifest is not None:
-        if manifest.suffix.lower() == ".jsonl":
-            rows = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
-        else:
-            with open(manifest, newline="") as f:
-                rows = list(csv.DictReader(f))
+        try:
+            if manifest.suffix.lower() == ".jsonl":
+                rows = []
+                for n, line in enumerate(manifest.read_bytes().decode("utf-8").splitlines()):
+                    if not line.strip():
+                        continue
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{manifest}, line {n + 1}: not valid JSON ({e})") from None
+            else:
+                with open(manifest, newline="", encoding="utf-8") as f:
+                    rows = list(csv.DictReader(f))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{manifest} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
         for i, row in enumerate(rows):
-            if "path" not in row or "caption" not in row:
-                raise ValueError(f"{manifest}, row {i + 1}: needs `path` and `caption` (got {sorted(row)})")
+            if not isinstance(row, dict) or "path" not in row or "caption" not in row:
+                raise ValueError(f"{manifest}, row {i + 1}: needs `path` and `caption` (got "
+                                 f"{sorted(row) if isinstance(row, dict) else type(row).__name__})")
             items.append((src / row["path"], str(row["caption"])))
         return items, skipped
     for path in sorted(p for p in src.rglob("*") if p.is_file()):
@@ -40,7 +51,13 @@ def find_items(src: Path, manifest: Path | None = None) -> tuple[list[tuple[Path
         if not caption.is_file():
             skipped.append((str(path), f"no caption: expected {caption.name} beside it (or pass --manifest)"))
             continue
-        items.append((path, caption.read_text().strip()))
+        try:
+            items.append((path, caption.read_bytes().decode("utf-8").strip()))
+        except UnicodeDecodeError as e:
+            skipped.append((str(path), f"caption {caption} is not UTF-8 text (byte {e.start}: {e.reason}); "
+                                       "save it as UTF-8"))
+        except OSError as e:
+            skipped.append((str(path), f"caption {caption} cannot be read ({e})"))
     return items, skipped
 
 

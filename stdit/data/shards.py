@@ -9,12 +9,22 @@ source fps / data.target_fps rounded, at least 1); the first frames are cut to t
 `data.frame_counts` the clip holds (an image is one frame); then resized to cover and centre-cropped to the
 entry of `data.resolutions` whose aspect ratio is nearest its own (portrait clips go to portrait buckets).
 The shape a sample will have is known from the index (the probe) without decoding: shape_of(i).
+
+Bad data does not stop training. A sample whose probe cannot be read (a member cut off by a truncated shard, or
+garbage) is left out of the index, and a shard that is not a tar at all is left out whole, each reported on
+stderr with the shard and byte offset (`dropped`). A sample whose media cannot be decoded (truncated, empty or
+corrupt member) is replaced by a substitute: the next sample in dataset order with the same shape that decodes,
+so the step's plan (its packing and loss normaliser) stays valid and every layout, worker count and resume sees
+the same substitute. It keeps the planned sample id (its noise draws) and carries `bad` (shard, key, offset,
+why, substitute) for the trainer to count; the trainer stops when more than data.max_bad_fraction was bad.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
+import sys
 import tarfile
 from pathlib import Path
 
@@ -42,21 +52,44 @@ def expand(patterns: list[str] | str) -> list[Path]:
     return out
 
 
-def tar_index(shard: Path) -> dict[str, dict[str, tuple[int, int]]]:
-    """{sample key: {extension: (data offset, size)}} of a tar shard, from its headers alone, keys sorted."""
+def tar_index(shard: Path, problems: list | None = None) -> dict[str, dict[str, tuple[int, int]]]:
+    """{sample key: {extension: (data offset, size)}} of a tar shard, from its headers alone, keys sorted.
+    With `problems` (a list), a shard that cannot be read as a tar is reported there as (shard, key, offset, why)
+    and gives no samples, and members cut off by the end of the file are reported (their samples stay: reading
+    them fails and they are substituted); without it such a shard raises a ValueError naming it."""
     groups: dict[str, dict[str, tuple[int, int]]] = {}
-    with tarfile.open(shard) as tar:
-        for m in tar.getmembers():
+    try:
+        size = Path(shard).stat().st_size
+        tar = tarfile.open(shard)
+    except (tarfile.TarError, OSError, EOFError) as e:
+        if problems is None:
+            raise ValueError(f"{shard} cannot be read as a tar shard ({type(e).__name__}: {e})") from None
+        problems.append((shard, "*", 0, f"not a readable tar shard ({type(e).__name__}: {e}); all of it skipped"))
+        return {}
+    with tar:
+        try:
+            tar.getmembers()
+        except (tarfile.TarError, OSError, EOFError) as e:  # truncated: the headers read so far stand
+            if problems is None:
+                raise ValueError(f"{shard} is truncated or damaged after {len(tar.members)} members "
+                                 f"({type(e).__name__}: {e})") from None
+        for m in tar.members:
             key, _, ext = m.name.partition(".")
             groups.setdefault(key, {})[ext] = (m.offset_data, m.size)
+            if m.offset_data + m.size > size and problems is not None:
+                problems.append((shard, key, m.offset_data, f"member {m.name} is cut off at byte {size} "
+                                 f"(the shard is truncated; {m.size} bytes from byte {m.offset_data} expected)"))
     return dict(sorted(groups.items()))
 
 
 def read_member(shard: Path, where: tuple[int, int]) -> bytes:
-    """The bytes of one tar member at (data offset, size)."""
+    """The bytes of one tar member at (data offset, size); an error if the shard ends before them."""
     with open(shard, "rb") as f:
         f.seek(where[0])
-        return f.read(where[1])
+        data = f.read(where[1])
+    if len(data) != where[1]:
+        raise EOFError(f"the shard ends {where[1] - len(data)} bytes into this member (truncated)")
+    return data
 
 
 class ShardDataset:
@@ -67,11 +100,26 @@ class ShardDataset:
         self.frame_counts = sorted(int(t) for t in frame_counts)
         self.frame_stride, self.target_fps = int(frame_stride), float(target_fps)
         self.entries, self.keys = [], []  # (shard, {extension: (offset, size)}, probe); the samples' tar keys
+        self.dropped: list[tuple] = []  # (shard, key, offset, why) of what could not be indexed
+        self._substitutes: dict[int, int] = {}
+        cut: list[tuple] = []
         for shard in expand(patterns):
-            for key, parts in tar_index(shard).items():
+            for key, parts in tar_index(shard, cut).items():
                 if "txt" in parts and "json" in parts and len(parts) >= 3:
-                    self.entries.append((shard, parts, json.loads(read_member(shard, parts["json"]))))
+                    try:
+                        probe = json.loads(read_member(shard, parts["json"]))
+                        shape = (int(probe["frames"]), int(probe["height"]), int(probe["width"]))
+                        if min(shape) < 1:
+                            raise ValueError(f"frames, height, width {shape} must be >= 1")
+                    except Exception as e:
+                        self.dropped.append((shard, key, parts["json"][0], f"its probe ({key}.json) cannot be read "
+                                             f"({type(e).__name__}: {e}); left out"))
+                        continue
+                    self.entries.append((shard, parts, probe))
                     self.keys.append(key)
+        self.dropped += [c for c in cut if c[1] == "*"]
+        for shard, key, offset, why in cut + [d for d in self.dropped if d not in cut]:
+            print(f"data: {shard} sample {key} (byte {offset}): {why}", file=sys.stderr)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -93,6 +141,42 @@ class ShardDataset:
         return (self._frames(probe), *bucket(probe["height"], probe["width"], self.resolutions))
 
     def __getitem__(self, i: int) -> Sample:
+        """Sample i, or (when it cannot be read) its substitute under id i, with `bad` saying what happened."""
+        try:
+            return self._read(i)
+        except Exception as e:  # PyAV, Pillow, tar and UTF-8 errors of a damaged member
+            why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        shard, parts, _ = self.entries[i]
+        media = next(e for e in parts if e not in ("txt", "json"))
+        j = self.substitute(i)
+        first = i not in self._substitutes
+        self._substitutes[i] = j
+        if first:
+            print(f"data: {shard.name} sample {self.keys[i]} (member {self.keys[i]}.{media} at byte "
+                  f"{parts[media][0]}) cannot be read ({why}); using sample {self.keys[j]} of the same shape "
+                  "instead", file=sys.stderr)
+        sample = dataclasses.replace(self._read(j), sample_id=i)
+        sample.bad = {"id": i, "shard": shard.name, "key": self.keys[i], "offset": parts[media][0], "why": why,
+                      "substitute": j}
+        return sample
+
+    def substitute(self, i: int) -> int:
+        """The next sample after i (in dataset order, wrapping) of the same shape that can be read."""
+        if i in self._substitutes:
+            return self._substitutes[i]
+        shape = self.shape_of(i)
+        for k in range(1, len(self)):
+            j = (i + k) % len(self)
+            if self.shape_of(j) == shape:
+                try:
+                    self._read(j)
+                    return j
+                except Exception:
+                    continue
+        raise ValueError(f"{self.entries[i][0]} sample {self.keys[i]} cannot be read and no other sample of its "
+                         f"shape {shape} can stand in for it")
+
+    def _read(self, i: int) -> Sample:
         shard, parts, probe = self.entries[i]
         caption = read_member(shard, parts["txt"]).decode().strip()
         media = next(e for e in parts if e not in ("txt", "json"))
