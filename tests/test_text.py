@@ -101,3 +101,53 @@ def test_errors(tmp_path):
         TextEncoder("t5", path=str(tmp_path / "missing"))
     with pytest.raises(ValueError, match=r"text\.kind.*'t5', 'clip'"):
         TextEncoder("bert")
+
+
+def test_word_tokenizer_gives_each_synthetic_word_its_own_token():
+    """Captions that differ in one word differ in exactly that token; no synthetic caption word is unknown."""
+    from stdit.data.synthetic import COLOURS, DIRECTIONS, SHAPES, SyntheticClips
+    from stdit.models.text import WORD_VOCAB, build_tokenizer
+    tok = build_tokenizer("word")
+    words = {w for i in range(300) for w in SyntheticClips(300, [[8, 8]], [1, 4], [8.0])[i].caption.split()}
+    words |= set(COLOURS) | set(SHAPES) | set(DIRECTIONS)
+    assert words <= set(WORD_VOCAB)
+    assert WORD_VOCAB[:3] == ("[PAD]", "[EOS]", "[UNK]") and len(set(WORD_VOCAB)) == len(WORD_VOCAB)
+    ids = lambda c: tok(c).input_ids  # noqa: E731
+    base = ids("a red square moving left on a blue background")
+    assert base[-1] == tok.eos_token_id and tok.unk_token_id not in base and len(base) == 10
+    for other in ("a red square moving left on a green background", "a yellow square moving left on a blue "
+                  "background", "a red circle moving left on a blue background",
+                  "a red square moving up on a blue background"):
+        diff = [i for i, (x, y) in enumerate(zip(base, ids(other))) if x != y]
+        assert len(ids(other)) == len(base) and len(diff) == 1
+    assert ids("") == [tok.eos_token_id]  # the unconditional caption keeps one token
+    assert ids("A RED zebra") == [WORD_VOCAB.index("a"), WORD_VOCAB.index("red"), tok.unk_token_id, tok.eos_token_id]
+    with pytest.raises(ValueError, match="text.tokenizer"):
+        build_tokenizer("bpe")
+
+
+def test_word_encoder_is_seeded_and_separates_colours():
+    enc = small("t5", tokenizer="word")
+    a, b = "a red square moving left on a blue background", "a red square moving left on a green background"
+    ea, eb = enc.encode([a, b])
+    assert ea.shape == eb.shape == (10, 32)
+    for x, y in zip(small("t5", tokenizer="word").encode([a, b]), (ea, eb)):
+        assert torch.equal(x, y)
+    assert not torch.allclose(small("t5", seed=2, tokenizer="word").encode([a])[0], ea)
+    # the colour word's own token differs a lot (not a few shared bytes in a long caption)
+    cos = torch.nn.functional.cosine_similarity(ea[7], eb[7], dim=0)
+    assert cos < 0.9
+
+
+def test_config_without_tokenizer_builds_the_byte_encoder(tmp_path):
+    """A checkpoint's config.yaml from before text.tokenizer existed loads with the byte tokenizer: the same
+    text encoder as before."""
+    from stdit.config import load_config, save_config
+    path = tmp_path / "config.yaml"
+    save_config(load_config(None, ["text.hidden_size=32", "text.num_layers=1", "text.num_heads=2",
+                                   "text.ff_size=64"]), path)
+    path.write_text("\n".join(x for x in path.read_text().splitlines() if "tokenizer:" not in x) + "\n")
+    cfg = load_config(path)
+    assert cfg.text.tokenizer == "byte"
+    for x, y in zip(TextEncoder.from_config(cfg.text).encode(CAPS), small("t5", seed=0).encode(CAPS)):
+        assert torch.equal(x, y)

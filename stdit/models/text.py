@@ -1,5 +1,10 @@
 """Caption encoder over `transformers`: a T5 encoder or CLIP text model, loaded from a local path or built small
-with seeded random weights (demo, tests). Returns unpadded token embeddings per caption; nothing is downloaded."""
+with seeded random weights (demo, tests). Returns unpadded token embeddings per caption; nothing is downloaded.
+
+The random encoder's tokenizer (`text.tokenizer`): `byte` (ByT5's, one token per UTF-8 byte: any text) or `word`
+(one token per word of the synthetic world's captions, stdit/data/synthetic.py). With random weights a word is
+only as distinguishable as its tokens: bytes spread a colour over several tokens shared with other words, and the
+demo's STDiT never learned to follow captions through them (issue 13); one random embedding per word it does."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,12 +13,38 @@ import torch
 import torch.nn as nn
 
 KINDS = ("t5", "clip")
+TOKENIZERS = ("byte", "word")
+# The word tokenizer's vocabulary: specials, then every word of the synthetic captions (stdit/data/synthetic.py).
+# Frozen: a word's id (hence its embedding) must never change, or a trained checkpoint's text encoder would; add
+# new words at the end only (tests/test_text.py checks that every synthetic caption word is here).
+WORD_VOCAB = ("[PAD]", "[EOS]", "[UNK]",
+              "a", "an", "on", "background", "moving",
+              "red", "green", "blue", "yellow", "cyan", "magenta", "white", "black", "orange", "purple",
+              "square", "circle", "triangle", "diamond",
+              "left", "right", "up", "down")
 # checkpoint model types each kind's model class loads correctly (a mismatch would give garbage embeddings)
 _MODEL_TYPES = {"t5": ("t5", "mt5"), "clip": ("clip", "clip_text_model")}
 
 
+def build_tokenizer(name: str = "byte"):
+    """The random encoder's tokenizer: `byte` (ByT5) or `word` (WORD_VOCAB; other words are [UNK]). Every caption
+    ends with an EOS token, so the empty caption (classifier-free guidance) still has one token."""
+    import transformers as tf
+    if name == "byte":
+        return tf.ByT5Tokenizer()
+    if name != "word":
+        raise ValueError(f"text.tokenizer={name!r} is unknown; use one of {list(TOKENIZERS)}")
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    vocab = {w: i for i, w in enumerate(WORD_VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()  # words and punctuation runs
+    tok.post_processor = processors.TemplateProcessing(single="$A [EOS]", special_tokens=[("[EOS]", vocab["[EOS]"])])
+    return tf.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", eos_token="[EOS]", unk_token="[UNK]")
+
+
 def _random_model(kind: str, hidden_size, num_layers, num_heads, ff_size, max_length, tokenizer):
-    """A small model with the current torch RNG's weights, its ids matching the ByT5 byte tokenizer."""
+    """A small model with the current torch RNG's weights, its ids matching `tokenizer`."""
     import transformers as tf
     vocab, pad, eos = len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id
     if kind == "t5":
@@ -34,7 +65,7 @@ class TextEncoder(nn.Module):
 
     def __init__(self, kind: str = "t5", path: str | None = None, hidden_size: int = 64, num_layers: int = 2,
                  num_heads: int = 4, ff_size: int = 128, max_length: int = 64, seed: int = 0,
-                 cache_elements: int = 2 ** 25):
+                 cache_elements: int = 2 ** 25, tokenizer: str = "byte"):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"text.kind={kind!r} is unknown; use one of {list(KINDS)}")
@@ -57,8 +88,8 @@ class TextEncoder(nn.Module):
         else:
             if hidden_size % num_heads:
                 raise ValueError(f"text.hidden_size={hidden_size} must be divisible by text.num_heads={num_heads}")
-            # ByT5's byte tokenizer needs no vocabulary file, so the demo encoder is fully self-contained
-            self.tokenizer = tf.ByT5Tokenizer()
+            # neither tokenizer needs a vocabulary file, so the demo encoder is fully self-contained
+            self.tokenizer = build_tokenizer(tokenizer)
             with torch.random.fork_rng(devices=[]):  # seed the weights without touching the caller's RNG
                 torch.manual_seed(seed)
                 self.model = _random_model(kind, hidden_size, num_layers, num_heads, ff_size, max_length,
@@ -74,9 +105,10 @@ class TextEncoder(nn.Module):
 
     @classmethod
     def from_config(cls, cfg) -> "TextEncoder":
-        """Build from a config section with kind, path, hidden_size, num_layers, num_heads, ff_size, max_length, seed."""
+        """Build from a config section with kind, path, hidden_size, num_layers, num_heads, ff_size, max_length, seed
+        and (optionally: byte without it) tokenizer."""
         return cls(cfg.kind, cfg.path, cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.ff_size, cfg.max_length,
-                   cfg.seed)
+                   cfg.seed, tokenizer=getattr(cfg, "tokenizer", "byte"))
 
     @property
     def device(self) -> torch.device:
