@@ -41,7 +41,7 @@ def text_dim_and_params(cfg: Config) -> tuple[int, int]:
     """Width and parameter count of the frozen caption encoder the config asks for."""
     import transformers as tf
 
-    from stdit.models.text import _random_model
+    from stdit.models.text import _random_model, build_tokenizer
     with torch.device("meta"):
         if cfg.text.path is not None:
             config = tf.AutoConfig.from_pretrained(cfg.text.path, local_files_only=True)
@@ -49,7 +49,7 @@ def text_dim_and_params(cfg: Config) -> tuple[int, int]:
         else:
             t = cfg.text
             model = _random_model(t.kind, t.hidden_size, t.num_layers, t.num_heads, t.ff_size, t.max_length,
-                                  tf.ByT5Tokenizer())
+                                  build_tokenizer(t.tokenizer))
     return model.config.hidden_size, sum(p.numel() for p in model.parameters())
 
 

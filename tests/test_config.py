@@ -38,3 +38,19 @@ def test_bad_values_fail_naming_the_key(overrides, key):
 def test_missing_recipe_is_a_clear_error():
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("recipes/nope.yaml")
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["text.tokenizer=bpe"], "text.tokenizer"),
+    (["text.position_bias_scale=0"], "text.position_bias_scale"),
+    (["text.kind=clip", "text.position_bias_scale=16"], "text.position_bias_scale"),
+])
+def test_bad_text_encoder_values_fail_naming_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, overrides)
+
+
+def test_text_encoder_keys_default_to_the_byte_encoder():
+    """Configs written before text.tokenizer / text.position_bias_scale existed resolve to the encoder they had."""
+    text = load_config(None).text
+    assert (text.tokenizer, text.position_bias_scale) == ("byte", 1.0)

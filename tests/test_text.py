@@ -151,3 +151,19 @@ def test_config_without_tokenizer_builds_the_byte_encoder(tmp_path):
     assert cfg.text.tokenizer == "byte"
     for x, y in zip(TextEncoder.from_config(cfg.text).encode(CAPS), small("t5", seed=0).encode(CAPS)):
         assert torch.equal(x, y)
+
+
+def test_position_bias_scale_makes_a_words_role_visible():
+    """At transformers' init a random T5 is nearly a bag of words: 'blue' naming the object or the background
+    embeds the same. A larger relative position bias mixes each token with its neighbours, so the role shows
+    (what the demo's STDiT needs to tell object from background colour); the word itself still shows too."""
+    cos = torch.nn.functional.cosine_similarity
+    fg_blue, bg_blue = "a blue square moving left on a red background", "a red square moving left on a blue background"
+    roles = {}
+    for scale in (1.0, 16.0):
+        enc = TextEncoder("t5", tokenizer="word", position_bias_scale=scale)
+        a, b = enc.encode([fg_blue, bg_blue])
+        roles[scale] = (cos(a[1], b[7], dim=0).item(), cos(a[1], b[1], dim=0).item())  # blue@fg~blue@bg, blue~red
+    assert roles[1.0][0] > 0.99 and roles[16.0][0] < 0.8 and roles[16.0][1] < 0.8
+    with pytest.raises(ValueError, match="position_bias_scale"):
+        TextEncoder("clip", position_bias_scale=2.0)

@@ -43,15 +43,24 @@ def build_tokenizer(name: str = "byte"):
     return tf.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", eos_token="[EOS]", unk_token="[UNK]")
 
 
-def _random_model(kind: str, hidden_size, num_layers, num_heads, ff_size, max_length, tokenizer):
-    """A small model with the current torch RNG's weights, its ids matching `tokenizer`."""
+def _random_model(kind: str, hidden_size, num_layers, num_heads, ff_size, max_length, tokenizer,
+                  position_bias_scale: float = 1.0):
+    """A small model with the current torch RNG's weights, its ids matching `tokenizer`. T5's relative position
+    bias is multiplied by `position_bias_scale` (see TextEncoder)."""
     import transformers as tf
     vocab, pad, eos = len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id
     if kind == "t5":
         config = tf.T5Config(vocab_size=vocab, d_model=hidden_size, d_kv=hidden_size // num_heads, d_ff=ff_size,
                              num_layers=num_layers, num_heads=num_heads, pad_token_id=pad, eos_token_id=eos,
                              decoder_start_token_id=pad)
-        return tf.T5EncoderModel(config)
+        model = tf.T5EncoderModel(config)
+        if position_bias_scale != 1.0:
+            with torch.no_grad():
+                for block in model.encoder.block:
+                    attention = block.layer[0].SelfAttention
+                    if attention.has_relative_attention_bias:
+                        attention.relative_attention_bias.weight.mul_(position_bias_scale)
+        return model
     # ByT5 has no BOS token; CLIP needs a position for every token, EOS included
     config = tf.CLIPTextConfig(vocab_size=vocab, hidden_size=hidden_size, intermediate_size=ff_size,
                                num_hidden_layers=num_layers, num_attention_heads=num_heads,
@@ -65,10 +74,13 @@ class TextEncoder(nn.Module):
 
     def __init__(self, kind: str = "t5", path: str | None = None, hidden_size: int = 64, num_layers: int = 2,
                  num_heads: int = 4, ff_size: int = 128, max_length: int = 64, seed: int = 0,
-                 cache_elements: int = 2 ** 25, tokenizer: str = "byte"):
+                 cache_elements: int = 2 ** 25, tokenizer: str = "byte", position_bias_scale: float = 1.0):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"text.kind={kind!r} is unknown; use one of {list(KINDS)}")
+        if position_bias_scale != 1.0 and (kind != "t5" or path is not None):
+            raise ValueError("text.position_bias_scale scales the random T5 encoder's relative position bias; "
+                             "it needs text.kind=t5 and no text.path")
         if max_length < 1:
             raise ValueError(f"text.max_length must be >= 1, got {max_length}")
         import transformers as tf
@@ -93,7 +105,7 @@ class TextEncoder(nn.Module):
             with torch.random.fork_rng(devices=[]):  # seed the weights without touching the caller's RNG
                 torch.manual_seed(seed)
                 self.model = _random_model(kind, hidden_size, num_layers, num_heads, ff_size, max_length,
-                                           self.tokenizer)
+                                           self.tokenizer, position_bias_scale)
         if self.tokenizer.pad_token is None:  # padding is masked out anyway; any token will do
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model.eval().requires_grad_(False)
@@ -106,9 +118,10 @@ class TextEncoder(nn.Module):
     @classmethod
     def from_config(cls, cfg) -> "TextEncoder":
         """Build from a config section with kind, path, hidden_size, num_layers, num_heads, ff_size, max_length, seed
-        and (optionally: byte without it) tokenizer."""
+        and optionally tokenizer (default byte) and position_bias_scale (default 1)."""
         return cls(cfg.kind, cfg.path, cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.ff_size, cfg.max_length,
-                   cfg.seed, tokenizer=getattr(cfg, "tokenizer", "byte"))
+                   cfg.seed, tokenizer=getattr(cfg, "tokenizer", "byte"),
+                   position_bias_scale=getattr(cfg, "position_bias_scale", 1.0))
 
     @property
     def device(self) -> torch.device:
