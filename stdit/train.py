@@ -208,7 +208,7 @@ class Trainer:
         items, stats = self.micro_batches(self.step)
         loss = self.engine.train_batch(items, self.loss)
         grad_norm, lr = self.engine.step()  # skipped (on every rank) when the gradients are not finite
-        skipped = getattr(self.engine, "skipped", False)
+        skipped = self.engine.skipped
         if not skipped:
             self.engine.ema.update(min(self.cfg.optim.ema_decay, (1 + self.step) / (10 + self.step)))
         self.step += 1
