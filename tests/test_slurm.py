@@ -94,6 +94,11 @@ def cluster():
     with pytest.MonkeyPatch.context() as mp:  # sbatch here, and the jobs' environment (sbatch passes it on)
         mp.setenv("SLURM_CONF", str(c.conf))
         mp.setenv("OMP_NUM_THREADS", "1")
+        # what a one-process DeepSpeed run leaves in os.environ (and an earlier test in this process did): the
+        # batch script must not let it override srun's SLURM_PROCID / SLURM_NTASKS
+        mp.setenv("RANK", "0")
+        mp.setenv("WORLD_SIZE", "1")
+        mp.setenv("MASTER_PORT", "29500")
         yield c
     c.stop()
 
@@ -112,7 +117,8 @@ def signal_after(cluster: Cluster, job: str, run_dir: Path, steps: int = 3, time
     deadline = time.monotonic() + timeout
     metrics = run_dir / "metrics.jsonl"
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= steps):
-        assert time.monotonic() < deadline, f"job {job} logged no {steps} steps in {timeout:.0f} s"
+        assert time.monotonic() < deadline, f"job {job} logged no {steps} steps in {timeout:.0f} s\n" + \
+            job_log(run_dir, job)
         time.sleep(0.2)
     cluster.run("scancel", "--signal=USR1", "--batch", job)
 
@@ -125,9 +131,16 @@ def straight(cluster, tmp_path_factory):
     return job, cluster.wait_job(job), run_dir
 
 
+def job_log(run_dir: Path, job: str) -> str:
+    """The job's log (what the batch script and the trainer printed), for failure messages."""
+    log = run_dir / "slurm" / f"{job}.log"
+    return log.read_text()[-4000:] if log.exists() else f"(no {log})"
+
+
 def test_two_task_job_trains_to_completion(straight):
     job, info, run_dir = straight
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "0", info
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "0", \
+        (info["JobState"], info["ExitCode"], job_log(run_dir, job))
     assert sorted(losses(run_dir)) == list(range(1, STEPS + 1))
     log = (run_dir / "slurm" / f"{job}.log").read_text()
     assert f"=== finished: step {STEPS} of {STEPS} (exit 0)" in log
