@@ -161,14 +161,15 @@ def optimizer_step(optimizer) -> float:
 
 
 def _optimizer_state_full(p, key: str, optimizer, stepped: bool) -> torch.Tensor:
-    """Full (TP-gathered) Adam state `key` of parameter p, whatever owns it (collective); zeros before any step."""
+    """Full (TP-gathered) Adam state `key` of parameter p, whatever owns it (collective); zeros before any step
+    and for a parameter that has never had a gradient (torch's AdamW creates its state at its first update)."""
     from deepspeed.utils import safe_get_full_optimizer_state
-    if not stepped:
-        value = torch.zeros_like(_full_shape_local(p))
-    elif is_zero3(p) or hasattr(p, "_hp_mapping"):
-        value = safe_get_full_optimizer_state(p, key)  # gathered over the ZeRO partitions
+    if is_zero3(p) or hasattr(p, "_hp_mapping"):
+        value = safe_get_full_optimizer_state(p, key) if stepped else None  # gathered over the ZeRO partitions
     else:
-        value = base_optimizer(optimizer).state[p][key]
+        value = base_optimizer(optimizer).state.get(p, {}).get(key)
+    if value is None:
+        value = torch.zeros_like(_full_shape_local(p))
     return gather_tp(p, value)
 
 

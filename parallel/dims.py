@@ -11,6 +11,7 @@ same weights and see different tokens); `stage` is the ranks of one pipeline sta
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -115,7 +116,10 @@ class ParallelDims:
     def init(self, timeout_s: float = 1800.0) -> None:
         """Join the process group and build the grid. One group serves CPU tensors (gloo) and, with CUDA, GPU
         tensors (nccl), so a collective on either device works; megatron-core then builds tp x cp x dp x pp.
-        Nothing to do where the layout is not distributed."""
+        Nothing to do where the layout is not distributed.
+
+        `timeout_s` bounds every collective of every group (the world, megatron-core's, and those DeepSpeed makes
+        later, e.g. its pipeline grid's): a collective still waiting for a stopped or hung peer after it raises."""
         if not self.distributed:
             return
         import torch
@@ -130,21 +134,49 @@ class ParallelDims:
             torch.cuda.set_device(local_rank)
         # DeepSpeed reads these; under srun only SLURM_* are set
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank))
+        timeout = timedelta(seconds=timeout_s)
         if not dist.is_initialized():
             os.environ.setdefault("MASTER_ADDR", os.environ.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1"))
             os.environ.setdefault("MASTER_PORT", "29500")
             dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", rank=rank, world_size=world,
-                                    timeout=timedelta(seconds=timeout_s))
+                                    timeout=timeout, store=attempt_store(world, timeout))
+        # groups made without a timeout (DeepSpeed's `new_group(ranks)`) take torch's default: make it ours
+        from torch.distributed import distributed_c10d
+        distributed_c10d.default_pg_timeout = timeout
+        if hasattr(distributed_c10d, "default_pg_nccl_timeout") and distributed_c10d.default_pg_nccl_timeout:
+            distributed_c10d.default_pg_nccl_timeout = timeout
         import deepspeed
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")  # wraps the same process group
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timeout)  # wraps the same group
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=self.tp, pipeline_model_parallel_size=self.pp,
-            context_parallel_size=self.cp, order="-".join(ORDER))
+            context_parallel_size=self.cp, order="-".join(ORDER), distributed_timeout_minutes=timeout_s / 60)
         mine = self.coords_of(rank)
         theirs = {"tp": parallel_state.get_tensor_model_parallel_rank(), "cp": parallel_state.get_context_parallel_rank(),
                   "dp": parallel_state.get_data_parallel_rank(), "pp": parallel_state.get_pipeline_model_parallel_rank()}
         if mine != theirs:
             raise RuntimeError(f"rank {rank}: megatron-core placed it at {theirs}, ParallelDims at {mine}")
+
+
+def attempt_store(world: int, timeout: timedelta):
+    """The process group's store under torchrun when its workers share the agent's store (torch 2.13's
+    default), with this attempt's keys under a prefix of their own; None otherwise (env:// as usual).
+
+    The agent keeps that store across `--max-restarts` restarts, so a restarted group would read the previous
+    attempt's addresses (gloo's, NCCL's unique id) from it and never connect: one killed worker would leave the
+    new group hanging in its first collective. Every worker of one agent has the same TORCHELASTIC_RESTART_COUNT;
+    agents on several nodes count their own restarts (one restarted for another's failure does not count it), so
+    there TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 must give every attempt a fresh store (and this is not used)."""
+    env = os.environ
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    if int(env.get("GROUP_WORLD_SIZE", "1")) > 1 and int(env.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 \
+            and env.get("RANK") == "0":
+        print("warning: torchrun --max-restarts with several agents (nodes) sharing the launcher's store: a "
+              "restarted group may not reconnect; set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun "
+              "(a fresh store for every attempt)", file=sys.stderr)
+    import torch.distributed as dist
+    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world, is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"stdit/attempt_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def launch_env() -> tuple[int, int, int]:

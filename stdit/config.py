@@ -243,6 +243,10 @@ class ParallelConfig:
     """Context-parallel (Ulysses) size."""
     zero: int = 0
     """DeepSpeed ZeRO stage 0-3 over the data-parallel group."""
+    timeout_s: float = 1800.0
+    """Seconds a collective may wait for the other processes (the process groups' timeout): a process that is
+    stopped, hung or unreachable for longer makes the others exit with an error naming this key, instead of a
+    hang (under torchrun --max-restarts, the group then restarts from the newest checkpoint)."""
 
 
 @dataclass
@@ -432,6 +436,7 @@ def validate(cfg: Config) -> None:
     for key in ("tp", "pp", "cp"):
         _check(getattr(p, key) >= 1, f"parallel.{key}", f"must be >= 1, got {getattr(p, key)}")
     _check(p.zero in (0, 1, 2, 3), "parallel.zero", f"must be 0, 1, 2 or 3, got {p.zero}")
+    _check(p.timeout_s > 0, "parallel.timeout_s", f"must be > 0 seconds, got {p.timeout_s}")
     _check(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0")
     _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
 

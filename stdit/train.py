@@ -72,7 +72,7 @@ class Trainer:
         self.checkpointer = Checkpointer(self.run_dir, self.dims, cfg.checkpoint.keep, config_yaml,
                                          self.architecture_keys())
         resume = self.checkpointer.find(cfg.checkpoint.resume)  # checked before any process-group work
-        self.dims.init()  # process groups where the layout has them
+        self.dims.init(cfg.parallel.timeout_s)  # process groups where the layout has them
         resume = self.checkpointer.agree()  # every rank hashed its share of the checkpoint's files
         torch.manual_seed(cfg.run.seed)  # every rank builds the same full model, then keeps its shard
         model = self.build_model().to(self.device)

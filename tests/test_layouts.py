@@ -52,6 +52,8 @@ def reference(request, tmp_path_factory):
 @pytest.mark.parametrize("nproc,layout", LAYOUTS, ids=[" ".join(x) for _, x in LAYOUTS])
 def test_layout_matches_single_process(reference, nproc, layout, tmp_path):
     attention, ref_losses, ref_model, ref_ema = reference
+    if attention == "full" and not any(k in " ".join(layout) for k in ("parallel.cp", "parallel.pp")):
+        pytest.skip("full attention differs from factorized only in its segments, which only cp and pp split")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
            "-m", "stdit.train", "recipes/tiny.yaml", *FAST, f"model.attention={attention}", f"run.dir={tmp_path}",

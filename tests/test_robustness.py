@@ -438,3 +438,23 @@ def test_data_shard_names_a_caption_that_is_not_utf8_and_goes_on(tmp_path):
     assert summary["written"] == 2
     (skip,) = summary["skipped"]
     assert skip["file"].endswith("1.png") and "1.txt is not UTF-8 text" in skip["why"]
+
+
+def test_a_parameter_that_never_had_a_gradient_is_checkpointed_and_resumed(tmp_path, monkeypatch):
+    """torch's AdamW creates a parameter's state at its first update: one that has had no gradient yet (unused
+    by the forward, or frozen by a user) is saved with zero moments instead of failing the checkpoint."""
+    from stdit.models import stdit as model_module
+    init = model_module.STDiT.__init__
+
+    def with_unused(self, *a, **kw):
+        init(self, *a, **kw)
+        self.unused = torch.nn.Parameter(torch.ones(3))
+
+    monkeypatch.setattr(model_module.STDiT, "__init__", with_unused)
+    Trainer(_cfg(tmp_path, "run.steps=2", "checkpoint.every=2")).train()
+    ckpt = checkpoint.latest(tmp_path)
+    assert ckpt is not None and ckpt.name == "step_00000002"
+    full = checkpoint.read_weights(ckpt, "exp_avg")
+    assert torch.equal(full["unused"], torch.zeros(3))
+    Trainer(_cfg(tmp_path, "run.steps=3")).train()  # resumes through it
+    assert sorted(_losses(tmp_path)) == [1, 2, 3]
