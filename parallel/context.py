@@ -2,8 +2,8 @@
 
 Token-wise work (norms, MLP, adaLN, RoPE) runs on the local slice without communication. Around each attention
 kernel DeepSpeed's all-to-all trades the sequence slice for a head slice, so the kernel sees whole segments (and
-the temporal permutation happens where the whole sequence is present), then trades back. The kernel's segment
-argument passes through untouched.
+the temporal permutation and the cut of the padding tail happen where the whole sequence is present), then trades
+back. The kernel's segment argument passes through untouched.
 """
 from __future__ import annotations
 

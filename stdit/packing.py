@@ -5,7 +5,9 @@ Every attention kind becomes one varlen kernel call on the flat sequence:
   temporal  one segment per (video, row, column), reached through a gather permutation and its inverse
   full      one segment per video
   cross     query: one segment per video; key/value: that video's unpadded text tokens
-The tail no sample fills is padding: its own segment of every kind, one frame of its own, out of the loss.
+The tail no sample fills is padding: one frame of its own, out of the loss, and in no self-attention segment (the
+segments end at the last real token; the attention layer gives padding output 0), so it costs no attention work
+and does not set max_seqlen. For cross-attention the padding is one query segment against one zero text token.
 """
 from __future__ import annotations
 
@@ -53,6 +55,7 @@ class Segments:
     causal: bool = False
     perm: torch.Tensor | None = None
     inv: torch.Tensor | None = None
+    tokens: int | None = None  # segments cover the first `tokens` rows of q and k (after perm); None: all rows
 
 
 @dataclass
@@ -68,16 +71,19 @@ class PackedBatch:
     loss_mask: torch.Tensor      # [L] bool
     fps: torch.Tensor            # [B(+1)] float
     text: torch.Tensor           # [S, D_text] unpadded caption tokens of all samples (+1 zero token for padding)
-    cu_spatial: torch.Tensor     # int32 cumulative segment offsets, one segment per frame
-    cu_temporal: torch.Tensor    # int32, one segment per (sample, row, column) in permuted order
-    cu_full: torch.Tensor        # int32, one segment per sample
-    cu_text: torch.Tensor        # int32, text segments matching cu_full
+    cu_spatial: torch.Tensor     # int32 cumulative segment offsets, one segment per frame (padding: in none)
+    cu_temporal: torch.Tensor    # int32, one segment per (sample, row, column) in permuted order (padding: none)
+    cu_full: torch.Tensor        # int32, one segment per sample (padding: in none)
+    cu_text: torch.Tensor        # int32, text segments matching cu_cross
+    cu_cross: torch.Tensor       # int32, cross-attention queries: cu_full, plus the padding as one segment
     temporal_perm: torch.Tensor  # [L] long: packed order -> temporal order
     temporal_inv: torch.Tensor   # [L] long: inverse of temporal_perm
     max_spatial: int
     max_temporal: int
     max_full: int
     max_text: int
+    max_cross: int               # longest cross-attention query segment (the padding's included)
+    num_real_tokens: int         # tokens of the samples; self-attention segments end here, padding follows
     grids: list                  # [(T', H', W')] per sample
     offsets: list                # first token of each sample
     sample_ids: list             # dataset ids of the samples
@@ -87,21 +93,18 @@ class PackedBatch:
     def num_samples(self) -> int:
         return len(self.grids)
 
-    @property
-    def num_real_tokens(self) -> int:
-        return self.offsets[-1] + _numel(self.grids[-1]) if self.grids else 0
-
     def segments(self, kind: str, causal: bool = False) -> Segments:
         """Varlen arguments for attention `kind` in spatial | temporal | full | cross."""
+        n = self.num_real_tokens
         if kind == "spatial":
-            return Segments(self.cu_spatial, self.cu_spatial, self.max_spatial, self.max_spatial)
+            return Segments(self.cu_spatial, self.cu_spatial, self.max_spatial, self.max_spatial, tokens=n)
         if kind == "temporal":
             return Segments(self.cu_temporal, self.cu_temporal, self.max_temporal, self.max_temporal, causal,
-                            self.temporal_perm, self.temporal_inv)
+                            self.temporal_perm, self.temporal_inv, tokens=n)
         if kind == "full":
-            return Segments(self.cu_full, self.cu_full, self.max_full, self.max_full)
+            return Segments(self.cu_full, self.cu_full, self.max_full, self.max_full, tokens=n)
         if kind == "cross":
-            return Segments(self.cu_full, self.cu_text, self.max_full, self.max_text)
+            return Segments(self.cu_cross, self.cu_text, self.max_cross, self.max_text)
         raise ValueError(f"unknown attention kind {kind!r}")
 
     def to(self, device) -> "PackedBatch":
@@ -195,18 +198,18 @@ def pack(
         raise ValueError("pack needs one text embedding of >= 1 token per video (the empty caption still has EOS)")
     text = torch.cat([x.to(dev) for x in texts])
     fps_t = torch.tensor(list(fps), dtype=torch.float32)
+    cross_len = list(full_len)
     if pad:
-        # padding is a sample slot of its own with one frame; its tokens sit at the origin and see only padding
+        # padding is a sample slot of its own with one frame, its tokens at the origin; in no self-attention
+        # segment (it stays last in temporal order too); its cross-attention queries read one zero text token
         coords.append(torch.zeros(pad, 3, dtype=torch.long))
         token_sample.append(torch.full((pad,), B))
         token_frame.append(torch.full((pad,), n_frames))
         frame_sample.append(torch.tensor([B]))
         frame_cond.append(torch.tensor([True]))
         loss_mask.append(torch.zeros(pad, dtype=torch.bool))
-        spatial_len.append(pad)
         temporal_perm.append(torch.arange(n_real, token_budget))
-        temporal_len.append(pad)
-        full_len.append(pad)
+        cross_len.append(pad)
         text_len.append(1)
         text = torch.cat([text, text.new_zeros(1, text.shape[1])])
         fps_t = torch.cat([fps_t, torch.zeros(1)])
@@ -217,10 +220,10 @@ def pack(
         token_frame=torch.cat(token_frame).to(dev), frame_sample=torch.cat(frame_sample).to(dev),
         frame_cond=torch.cat(frame_cond).to(dev), loss_mask=torch.cat(loss_mask).to(dev), fps=fps_t.to(dev),
         text=text, cu_spatial=_cu(spatial_len).to(dev), cu_temporal=_cu(temporal_len).to(dev),
-        cu_full=_cu(full_len).to(dev), cu_text=_cu(text_len).to(dev), temporal_perm=perm.to(dev),
-        temporal_inv=torch.argsort(perm).to(dev), max_spatial=max(spatial_len), max_temporal=max(temporal_len),
-        max_full=max(full_len), max_text=max(text_len), grids=grids, offsets=offsets, sample_ids=sample_ids,
-        patch_size=patch_size,
+        cu_full=_cu(full_len).to(dev), cu_text=_cu(text_len).to(dev), cu_cross=_cu(cross_len).to(dev),
+        temporal_perm=perm.to(dev), temporal_inv=torch.argsort(perm).to(dev), max_spatial=max(spatial_len),
+        max_temporal=max(temporal_len), max_full=max(full_len), max_text=max(text_len), max_cross=max(cross_len),
+        num_real_tokens=n_real, grids=grids, offsets=offsets, sample_ids=sample_ids, patch_size=patch_size,
     )
 
 

@@ -52,8 +52,8 @@ def model_inputs(x_t: torch.Tensor, t_frame: torch.Tensor, batch: PackedBatch, p
 
 
 def cp_slice(batch: PackedBatch, rank: int, size: int) -> PackedBatch:
-    """A context-parallel rank's view: per-token fields cut to its contiguous slice; segment boundaries stay
-    global (the kernels see whole segments after Ulysses' all-to-all)."""
+    """A context-parallel rank's view: per-token fields cut to its contiguous slice; segment boundaries and
+    num_real_tokens stay global (the kernels see whole segments, and the padding tail, after Ulysses' all-to-all)."""
     if size == 1:
         return batch
     s = local_tokens(batch.tokens.shape[0], rank, size)
@@ -81,8 +81,9 @@ def plain_name(name: str, depth: int, pipelined: bool) -> str:
 # (segment boundaries, permutation, this rank's token frames and coordinates).
 # ----------------------------------------------------------------------------------------------------------
 
-META = ("token_frame", "coords", "cu_spatial", "cu_temporal", "cu_full", "cu_text", "temporal_perm", "temporal_inv")
-MAXES = ("max_spatial", "max_temporal", "max_full", "max_text")
+META = ("token_frame", "coords", "cu_spatial", "cu_temporal", "cu_full", "cu_text", "cu_cross", "temporal_perm",
+        "temporal_inv")
+MAXES = ("max_spatial", "max_temporal", "max_full", "max_text", "max_cross", "num_real_tokens")
 
 
 def stage_inputs(x_t, t_frame, batch: PackedBatch) -> tuple:

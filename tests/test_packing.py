@@ -1,10 +1,14 @@
+import dataclasses
+
 import pytest
 import torch
 
 from stdit.data.binpack import first_fit_decreasing
+from stdit.models.stdit import STDiT
+from stdit.ops import attention as attn_mod
 from stdit.packing import pack, patchify, token_counts, unpack, unpatchify
 
-from conftest import rand_videos
+from conftest import rand_videos, randomize, tiny_model_cfg
 
 SHAPES = [(3, 8, 12), (1, 6, 6), (5, 4, 8), (2, 10, 4)]
 PATCH = (1, 2, 2)
@@ -39,17 +43,19 @@ def test_segments_describe_frames_positions_and_videos():
     b = pack(videos, _texts(4), [8] * 4, PATCH, 200)
     grids = [(t, h // 2, w // 2) for t, h, w in SHAPES]
     pad = 200 - b.num_real_tokens
-    # spatial: one segment per frame, padding its own
-    assert torch.diff(b.cu_spatial).tolist() == [h * w for t, h, w in grids for _ in range(t)] + [pad]
-    # full / cross: one per video; text segments are the unpadded captions (+1 dummy token for padding)
-    assert torch.diff(b.cu_full).tolist() == [t * h * w for t, h, w in grids] + [pad]
+    # spatial: one segment per frame; padding (the tail) in none
+    assert torch.diff(b.cu_spatial).tolist() == [h * w for t, h, w in grids for _ in range(t)]
+    # full: one per video; cross: one per video + the padding against one dummy text token (the captions unpadded)
+    assert torch.diff(b.cu_full).tolist() == [t * h * w for t, h, w in grids]
+    assert torch.diff(b.cu_cross).tolist() == [t * h * w for t, h, w in grids] + [pad]
     assert torch.diff(b.cu_text).tolist() == [2, 3, 4, 5, 1]
-    # temporal: after the permutation each segment is one (video, row, column) in ascending time
+    # temporal: after the permutation each segment is one (video, row, column) in ascending time; padding last
     c = b.coords[b.temporal_perm]
     s = b.token_sample[b.temporal_perm]
     cu = b.cu_temporal.tolist()
-    assert len(cu) - 1 == sum(h * w for _, h, w in grids) + 1
-    for a, e in zip(cu[:-2], cu[1:-1]):
+    assert len(cu) - 1 == sum(h * w for _, h, w in grids)
+    assert b.temporal_perm[b.num_real_tokens:].tolist() == list(range(b.num_real_tokens, 200))
+    for a, e in zip(cu[:-1], cu[1:]):
         assert (s[a:e] == s[a]).all() and (c[a:e, 1:] == c[a, 1:]).all()
         assert c[a:e, 0].tolist() == list(range(e - a))
     assert torch.equal(b.temporal_perm[b.temporal_inv], torch.arange(200))
@@ -86,3 +92,101 @@ def test_first_fit_into_fixed_bins_takes_the_given_order_and_leaves_out_what_doe
     # item 4 first (as an overdue sample would be): it is packed, and 3 no longer fits anywhere
     assert first_fit_decreasing(counts, 100, num_bins=2, order=[4, 0, 1, 2, 3]) == [[0, 4], [1, 2]]
     assert first_fit_decreasing(counts, 100, num_bins=3, order=[0]) == [[0]]  # empty bins are dropped
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Padding costs nothing: in no self-attention segment, not in max_seqlen, never seen by the kernel
+# ----------------------------------------------------------------------------------------------------------
+
+SELF_KINDS = (("spatial", "cu_spatial", "max_spatial"), ("temporal", "cu_temporal", "max_temporal"),
+              ("full", "cu_full", "max_full"))
+
+
+def _one_segment_padding(b):
+    """The layout before padding cost nothing: the padding one segment of every kind, counted in max_*."""
+    L, pad = b.tokens.shape[0], b.tokens.shape[0] - b.num_real_tokens
+    grow = {cu: torch.cat([getattr(b, cu), torch.tensor([L], dtype=torch.int32)]) for _, cu, _ in SELF_KINDS}
+    return dataclasses.replace(b, **grow, **{m: max(getattr(b, m), pad) for _, _, m in SELF_KINDS},
+                               num_real_tokens=L)
+
+
+def _pair(pad):
+    """The same samples packed without and with `pad` tokens of padding."""
+    videos = [v.double() for v in rand_videos(SHAPES)]
+    n = sum(token_counts([v.shape[1:] for v in videos], PATCH))
+    return [pack(videos, [x.double() for x in _texts(4, 16)], [8, 16, 24, 8], PATCH, n + p) for p in (0, pad)]
+
+
+def test_padding_is_in_no_self_attention_segment_nor_in_max_seqlen():
+    tight, padded = _pair(pad=500)  # padding longer than any sample: before, it set every max_*
+    n = padded.num_real_tokens
+    for kind, cu, m in SELF_KINDS:
+        assert torch.equal(getattr(padded, cu), getattr(tight, cu)) and int(getattr(padded, cu)[-1]) == n
+        assert getattr(padded, m) == getattr(tight, m) == int(torch.diff(getattr(tight, cu)).max()) >= 1
+        seg = padded.segments(kind)
+        assert seg.tokens == n and seg.max_q == seg.max_k == getattr(tight, m)
+    cross = padded.segments("cross")  # every query still has a key: padding reads one zero text token
+    assert cross.tokens is None and torch.diff(cross.cu_q).tolist()[-1] == 500 and cross.max_q == 500
+    assert torch.diff(cross.cu_k).tolist()[-1] == 1 and not padded.text[-1].any()
+    assert torch.equal(tight.segments("cross").cu_q, tight.cu_full)
+
+
+def _model(attention):
+    return randomize(STDiT(tiny_model_cfg(attention=attention, depth=2), 16)).double()
+
+
+def _forward(model, b):
+    return model(b.tokens, torch.tensor([0.1, 0.5, 0.9, 0.3, 0.0], dtype=torch.float64)[b.frame_sample], b)
+
+
+def _forward_backward(model, b):
+    """Velocity and the parameter grads of a loss on the real tokens (padding out of the loss)."""
+    model.zero_grad()
+    out = _forward(model, b)
+    (out.square().sum(-1) * b.loss_mask).sum().backward()
+    return out, {k: p.grad.clone() for k, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("attention", ["factorized", "full"])
+def test_padding_changes_nothing_on_real_tokens(attention):
+    model = _model(attention)
+    tight, padded = _pair(pad=37)
+    n = padded.num_real_tokens
+    out, grads = _forward_backward(model, padded)
+    out_tight, grads_tight = _forward_backward(model, tight)
+    torch.testing.assert_close(out[:n], out_tight, rtol=1e-12, atol=1e-12)  # other L: other matmul blocking
+    for k in grads:
+        torch.testing.assert_close(grads[k], grads_tight[k], rtol=1e-12, atol=1e-12)
+    assert out[n:].isfinite().all()
+    # against the old layout of the same L (padding one segment of every kind): the same bits
+    out_old, grads_old = _forward_backward(model, _one_segment_padding(padded))
+    assert torch.equal(out[:n], out_old[:n])
+    assert all(torch.equal(grads[k], grads_old[k]) for k in grads)
+
+
+def test_reference_kernel_does_no_work_on_padding(monkeypatch):
+    """Score-matrix entries (len_q * len_k summed over segments) the reference kernel computes per forward: the
+    padding adds only its cross-attention queries against one text token; before, pad^2 per attention kind."""
+    work, rows = [], set()
+    inner = attn_mod._reference
+
+    def counting(q, k, v, cu_q, cu_k, causal, scale):
+        work.append(int((cu_q.diff() * cu_k.diff()).sum()))
+        rows.add(q.shape[0])
+        return inner(q, k, v, cu_q, cu_k, causal, scale)
+
+    monkeypatch.setattr(attn_mod, "_reference", counting)
+    model, pad = _model("factorized"), 300
+    tight, padded = _pair(pad)
+
+    def cost(b):
+        work.clear()
+        with torch.no_grad():
+            _forward(model, b)
+        return sum(work)
+
+    depth = len(model.blocks)
+    assert cost(padded) - cost(tight) == depth * pad * 1  # cross: pad queries x 1 zero text token
+    n = padded.num_real_tokens
+    assert rows == {n, n + pad}  # self-attention kernels never see a padding row; cross-attention's queries do
+    assert cost(_one_segment_padding(padded)) - cost(tight) == depth * (2 * pad * pad + pad)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from stdit.models.layers import RMSNorm, apply_rope
@@ -14,7 +15,9 @@ from stdit.packing import Segments
 class VarlenAttention(nn.Module):
     """The kernel call: gather into segment order (temporal), one varlen attention, scatter back.
 
-    q: [Lq, H, D], k/v: [Lk, H, D]. The permutation happens here, where the whole sequence is present.
+    q: [Lq, H, D], k/v: [Lk, H, D]. The permutation happens here, where the whole sequence is present. Rows past
+    `seg.tokens` (padding) are cut off before the kernel and get output 0: fast kernels leave rows outside every
+    segment unwritten (forward and backward), so they must never reach one.
     With `recompute` (selective activation checkpointing) only q, k, v are kept for backward; the gathers, the
     kernel's own saved tensors and its output are recomputed.
     """
@@ -29,10 +32,16 @@ class VarlenAttention(nn.Module):
         return self._attend(q, k, v, seg)
 
     def _attend(self, q, k, v, seg: Segments) -> torch.Tensor:
+        L = q.shape[0]
+        n = L if seg.tokens is None else seg.tokens  # padding is last, in segment order too: rows n..L-1
         if seg.perm is not None:
-            q, k, v = q[seg.perm], k[seg.perm], v[seg.perm]
+            q, k, v = q[seg.perm[:n]], k[seg.perm[:n]], v[seg.perm[:n]]
+        elif n < L:
+            q, k, v = q[:n], k[:n], v[:n]
         out = varlen_attention(q, k, v, seg.cu_q, seg.cu_k, seg.max_q, seg.max_k, causal=seg.causal,
                                backend=self.backend)
+        if n < L:
+            out = F.pad(out, (0, 0, 0, 0, 0, L - n))
         return out[seg.inv] if seg.perm is not None else out
 
 
