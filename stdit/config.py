@@ -100,9 +100,9 @@ class TextConfig:
     """Tokenizer of the random encoder (ignored when loading from path): byte (ByT5, any text) | word (one token
     per word of the synthetic captions, others [UNK]: a random encoder whose colour words differ, for the demo)."""
     position_bias_scale: float = 1.0
-    """Random T5 only: multiplies its relative position bias (1: transformers' init). At 1 a random T5 is nearly a
-    bag of words (a colour word's embedding hardly depends on whether it names the object or the background); ~16
-    makes each token mix with its neighbours, so its role shows."""
+    """Random T5 only (ignored when loading from path): multiplies its relative position bias (1: transformers'
+    init). At 1 a random T5 is nearly a bag of words (a colour word's embedding hardly depends on whether it names
+    the object or the background); ~16 makes each token mix with its neighbours, so its role shows."""
 
 
 @dataclass
@@ -397,8 +397,8 @@ def validate(cfg: Config) -> None:
            f"must be byte or word, got {cfg.text.tokenizer!r}")
     _check(cfg.text.position_bias_scale > 0, "text.position_bias_scale",
            f"must be > 0, got {cfg.text.position_bias_scale}")
-    _check(cfg.text.position_bias_scale == 1.0 or (cfg.text.kind == "t5" and cfg.text.path is None),
-           "text.position_bias_scale", "scales the random T5 encoder's position bias: needs text.kind=t5, no text.path")
+    _check(cfg.text.position_bias_scale == 1.0 or cfg.text.kind == "t5" or cfg.text.path is not None,
+           "text.position_bias_scale", "scales the random T5 encoder's position bias: needs text.kind=t5")
     _check(0.0 <= cfg.diffusion.caption_dropout <= 1.0, "diffusion.caption_dropout", "must be in [0, 1]")
     _check(cfg.diffusion.sample_steps >= 1, "diffusion.sample_steps", "must be >= 1")
     _check(d.source in ("synthetic", "shards"), "data.source", f"must be synthetic or shards, got {d.source!r}")

@@ -258,13 +258,12 @@ def expand_modes(modes) -> list[str]:
 
 
 def training_window(cfg, time_factor: int = 1) -> int:
-    """Token frames of the run's longest training sample: data.window where set (nonzero), else the longest of
-    data.frame_counts after the autoencoder's time compression and the temporal patch."""
-    window = int(getattr(cfg.data, "window", 0) or 0)
-    if window:
-        return window
+    """Token frames of the run's longest training sample: the longest of data.frame_counts after the autoencoder's
+    time compression and the temporal patch, cut to data.window where that is set (nonzero)."""
     pt = cfg.model.patch_size[0]
-    return max((1 + (t - 1) // time_factor) // pt for t in cfg.data.frame_counts)
+    longest = max((1 + (t - 1) // time_factor) // pt for t in cfg.data.frame_counts)
+    window = int(getattr(cfg.data, "window", 0) or 0)
+    return min(window, longest) if window else longest
 
 
 def _pixels(tokens: int, patch_t: int, time_factor: int) -> int:

@@ -78,9 +78,9 @@ class TextEncoder(nn.Module):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"text.kind={kind!r} is unknown; use one of {list(KINDS)}")
-        if position_bias_scale != 1.0 and (kind != "t5" or path is not None):
+        if position_bias_scale != 1.0 and kind != "t5" and path is None:  # a loaded model keeps its own bias
             raise ValueError("text.position_bias_scale scales the random T5 encoder's relative position bias; "
-                             "it needs text.kind=t5 and no text.path")
+                             "it needs text.kind=t5")
         if max_length < 1:
             raise ValueError(f"text.max_length must be >= 1, got {max_length}")
         import transformers as tf
