@@ -18,7 +18,7 @@ from stdit.models.text import TextEncoder
 
 def _sampler(*overrides, workers=0, share=(0, 1)):
     cfg = load_config("recipes/tiny.yaml", ["data.micro_batches=2", *overrides])
-    grid = lambda shape: token_grid(shape, cfg.model.patch_size)  # noqa: E731
+    grid = lambda shape: token_grid(shape, cfg.model.patch_size, (1, 1), cfg.data.window)  # noqa: E731
     return StepSampler(build_dataset(cfg.data, 0), cfg.data, 0, grid, workers, share), cfg
 
 

@@ -18,8 +18,8 @@ class VarlenAttention(nn.Module):
     q: [Lq, H, D], k/v: [Lk, H, D]. The permutation happens here, where the whole sequence is present. Rows past
     `seg.tokens` (padding) are cut off before the kernel and get output 0: fast kernels leave rows outside every
     segment unwritten (forward and backward), so they must never reach one.
-    With `recompute` (selective activation checkpointing) only q, k, v are kept for backward; the gathers, the
-    kernel's own saved tensors and its output are recomputed.
+    With `recompute` (selective activation checkpointing) only the gathered real rows of q, k, v are kept for
+    backward; the kernel's own saved tensors and its output are recomputed.
     """
 
     def __init__(self, backend: str = "auto", recompute: bool = False):
@@ -27,22 +27,23 @@ class VarlenAttention(nn.Module):
         self.backend, self.recompute = backend, recompute
 
     def forward(self, q, k, v, seg: Segments) -> torch.Tensor:
-        if self.recompute and torch.is_grad_enabled():
-            return checkpoint(self._attend, q, k, v, seg, use_reentrant=False)
-        return self._attend(q, k, v, seg)
-
-    def _attend(self, q, k, v, seg: Segments) -> torch.Tensor:
         L = q.shape[0]
         n = L if seg.tokens is None else seg.tokens  # padding is last, in segment order too: rows n..L-1
         if seg.perm is not None:
             q, k, v = q[seg.perm[:n]], k[seg.perm[:n]], v[seg.perm[:n]]
         elif n < L:
             q, k, v = q[:n], k[:n], v[:n]
-        out = varlen_attention(q, k, v, seg.cu_q, seg.cu_k, seg.max_q, seg.max_k, causal=seg.causal,
-                               backend=self.backend)
+        if self.recompute and torch.is_grad_enabled():
+            out = checkpoint(self._kernel, q, k, v, seg, use_reentrant=False)
+        else:
+            out = self._kernel(q, k, v, seg)
         if n < L:
             out = F.pad(out, (0, 0, 0, 0, 0, L - n))
         return out[seg.inv] if seg.perm is not None else out
+
+    def _kernel(self, q, k, v, seg: Segments) -> torch.Tensor:
+        return varlen_attention(q, k, v, seg.cu_q, seg.cu_k, seg.max_q, seg.max_k, causal=seg.causal,
+                                backend=self.backend)
 
 
 class SelfAttention(nn.Module):
