@@ -5,7 +5,9 @@ A checkpoint directory holds
   ema/                 the EMA weights, sharded like the model (one file per pp x tp [x dp under ZeRO-3] shard)
   full/                the layout-free copy: full fp32 tensors under the plain model's names (model/, ema/,
                        exp_avg/, exp_avg_sq/), spread over the ranks' files. A resume on another layout, export
-                       and generation read it; a single process writes only this.
+                       and generation read it; a single process writes only this. A distributed run writes it
+                       into every checkpoint, the last one or none (checkpoint.full_copy); parallel/convert.py
+                       builds it offline from engine/ and ema/ (whose files list their parameters).
   rng/rank_XXXXX.json  every rank's RNG states (JSON)
   trainer.json         LR scheduler state (JSON)
   meta.json            step, tokens and samples seen, layout, the model's parameter shapes
@@ -23,6 +25,7 @@ files of older checkpoints (trainer.pt, rng/rank_*.pt) and DeepSpeed's engine fi
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -36,7 +39,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from parallel.gather import full as full_of
-from parallel.gather import gather_tp, is_zero3, local, slice_tp, zero3_partition
+from parallel.gather import _tp_sharded, gather_tp, is_zero3, local, slice_tp, zero3_partition
 from parallel.safe_io import (HASH, _WRITTEN, CheckpointError, _read_json, file_hash, hashed_open, rng_state,
                              rng_to_json, write_bytes)
 
@@ -140,6 +143,42 @@ def commit(run_dir, tmp: Path, keep: int) -> Path:
     return final
 
 
+def checkpoint_bytes(params: int, distributed: bool, full: bool, weight_bytes: int, zero: int,
+                     stored: int | None = None) -> dict[str, int]:
+    """Estimated bytes of a checkpoint of a model of `params` parameters, per part (its tensors; headers, RNG and
+    JSON files are small): full/ 16 per parameter (fp32 model, EMA, 2 Adam moments). A distributed run adds, per
+    parameter its shards hold (`stored`: TP-replicated ones once per tensor rank), its EMA shards (4) and
+    DeepSpeed's engine files: the weights (`weight_bytes`; not under ZeRO-3, whose module files hold none), Adam's
+    moments (8) and the fp32 master copy (4) that ZeRO and bf16 keep."""
+    parts = {"full/": 16 * params if full else 0}
+    if distributed:
+        stored = params if stored is None else stored
+        master = 4 if zero > 0 or weight_bytes < 4 else 0
+        parts.update({"ema/": 4 * stored, "engine/": stored * ((weight_bytes if zero < 3 else 0) + 8 + master)})
+    return parts
+
+
+def free_bytes(run_dir) -> int:
+    """Free bytes on the filesystem of a run directory (its nearest existing ancestor)."""
+    path = Path(run_dir).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def no_space(e: BaseException) -> BaseException | None:
+    """The full-disk error an exception is, or was raised from (torch.save's writer wraps it), or None."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return e
+        if "No space left on device" in str(e) or "Disk quota exceeded" in str(e):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
@@ -183,6 +222,11 @@ def _weight_full(p) -> torch.Tensor:
     from deepspeed.utils import safe_get_full_fp32_param
     master = safe_get_full_fp32_param(p) if (is_zero3(p) or hasattr(p, "_hp_mapping")) else None
     return gather_tp(p, master) if master is not None else full_of(p, local(p))
+
+
+def tp_dim(p) -> int | None:
+    """The dimension tensor parallelism splits parameter p along, or None."""
+    return p.partition_dim if _tp_sharded(p) else None
 
 
 def write_full(tmp: Path, named_params: list, ema: list, optimizer, rank_in_stage: int, stage_size: int) -> None:
@@ -377,6 +421,9 @@ class FullTensors:
 
     def __init__(self, path: Path):
         files = sorted((path / "full").glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"checkpoint {path} holds no layout-free copy full/ (it was written with "
+                                  f"checkpoint.full_copy=last or never); build it with `stdit ckpt convert {path}`")
         self.index = {}
         for f in files:
             try:
@@ -396,6 +443,12 @@ class FullTensors:
     def state_dict(self, kind: str) -> dict[str, torch.Tensor]:
         prefix = kind + "/"
         return {k[len(prefix):]: self.get(kind, k[len(prefix):]) for k in self.index if k.startswith(prefix)}
+
+
+def has_full(path: Path) -> bool:
+    """Whether a checkpoint holds the layout-free copy (checkpoint.full_copy, or `stdit ckpt convert`): files
+    under full/ that its manifest lists."""
+    return any(k.startswith("full/") for k in read_manifest(Path(path)))
 
 
 def read_weights(path: str | Path, kind: str = "ema") -> dict[str, torch.Tensor]:
@@ -425,7 +478,8 @@ def load_full_state(full: FullTensors, named_params: list, ema: list, optimizer,
     flat = getattr(optimizer, "fp32_partitioned_groups_flat", None)
     for q in flat if flat is not None else [q for g in base.param_groups for q in g["params"]]:
         state = base.state[q]  # DeepSpeed links views of this dict's tensors: fill it, do not replace it
-        state["step"] = torch.tensor(step, dtype=torch.float32)
+        # the fused kernel reads its step count on the device, the others on the host (as AdamW makes it)
+        state["step"] = torch.tensor(step, dtype=torch.float32, device=q.device if base.defaults.get("fused") else None)
         for k in OPTIM_KEYS:
             state[k] = torch.zeros_like(q)
     if hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2, bf16: link views of that state
@@ -489,7 +543,9 @@ def describe(path: str | Path, hashes: bool = True) -> str:
         f"model        {len(meta['params'])} tensors, {params:,} parameters",
         f"engine/      {part('engine/')}  (DeepSpeed shards: resume on the same layout)",
         f"ema/         {part('ema/')}  (EMA shards)",
-        f"full/        {part('full/')}  (layout-free model, EMA, Adam state: any layout, export)",
+        f"full/        {part('full/')}  (layout-free model, EMA, Adam state: any layout, export)" if has_full(path)
+        else f"full/        none (checkpoint.full_copy=last or never): resume on its layout only; "
+             f"`stdit ckpt convert {path}` builds it for another layout, export, generate",
         f"complete     yes: {len(files)} files, sizes as written",
         "checksums    " + ("none recorded (written before checksums): sizes only" if not hashed else
                             f"verified: {HASH} of {hashed} files as written" if hashes else

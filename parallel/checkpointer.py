@@ -2,7 +2,7 @@
 
 What goes where is in parallel/checkpoint.py (the format and the commit protocol). Here is the order of things:
 
-    ckpt = Checkpointer(run_dir, dims, keep, config_yaml, fixed_keys)
+    ckpt = Checkpointer(run_dir, dims, keep, config_yaml, fixed_keys, full_copy)
     path = ckpt.find(resume)             # before any process-group work: a missing / truncated / altered file
                                          # stops here (auto: the newest intact checkpoint, said loudly)
     path = ckpt.agree()                  # after dims.init(): every rank hashed its share of the files; all agree
@@ -11,10 +11,12 @@ What goes where is in parallel/checkpoint.py (the format and the commit protocol
     ...  parallelize, build the engine ...
     ckpt.attach(engine, names)           # names: the plain model's name of each of engine.module's parameters
     meta, state = ckpt.load()            # engine shards (same layout, bit-exact) or the layout-free copy
-    ckpt.save(step, meta, state)         # collective
+    ckpt.save(step, meta, state, final)  # collective; checks the disk space first; full/ as full_copy says
 """
 from __future__ import annotations
 
+import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -27,9 +29,12 @@ from parallel.dims import ParallelDims, launch_env
 
 
 class Checkpointer:
-    def __init__(self, run_dir, dims: ParallelDims, keep: int, config_yaml: str, fixed_keys: list[str] = ()):
-        """`fixed_keys`: dotted config keys a resumed run must not change (the architecture: model.*)."""
+    def __init__(self, run_dir, dims: ParallelDims, keep: int, config_yaml: str, fixed_keys: list[str] = (),
+                 full_copy: str = "every"):
+        """`fixed_keys`: dotted config keys a resumed run must not change (the architecture: model.*);
+        `full_copy`: every | last | never, which checkpoints hold the layout-free copy (one process: all)."""
         self.run_dir, self.dims, self.keep, self.config_yaml = Path(run_dir), dims, keep, config_yaml
+        self.full_copy = full_copy
         self.fixed_keys = list(fixed_keys)
         self.path, self.meta, self.full = None, None, None
         self._cands, self._choice, self._explicit, self._agreed = [], 0, False, None
@@ -152,6 +157,11 @@ class Checkpointer:
         self.meta = fmt.read_meta(path)
         fmt.check_shapes(path, self.meta, shapes, fmt.check_config(path, self.config_yaml, self.fixed_keys))
         if not self.same_layout():
+            if not fmt.has_full(path):
+                raise fmt.CheckpointError(
+                    f"checkpoint {path} (layout {self.meta['layout']}) holds no layout-free copy full/ (written with "
+                    f"checkpoint.full_copy=last or never), which a resume on layout {self.dims.describe()} needs: run "
+                    f"`stdit ckpt convert {path}`, or resume on its own layout")
             self.full = fmt.FullTensors(path)
             model.load_state_dict(self.full.state_dict("model"))
 
@@ -193,20 +203,76 @@ class Checkpointer:
             print(f"resumed from {path} at step {meta['step']} ({how})", file=sys.stderr)
         return meta, state
 
-    def save(self, step: int, meta: dict, state: dict) -> Path:
-        """Checkpoint `step` (collective): engine shards, EMA shard, layout-free copy, RNG, then rank 0's meta,
-        trainer state and config; committed (renamed, `latest`, pruned to `keep`) once every rank is done."""
+    def save(self, step: int, meta: dict, state: dict, final: bool = False) -> Path:
+        """Checkpoint `step` (collective): engine shards, EMA shard, layout-free copy (as checkpoint.full_copy
+        says; `final`: the run's last checkpoint, at its end or on a stop signal), RNG, then rank 0's meta,
+        trainer state and config; committed (renamed, `latest`, pruned to `keep`) once every rank is done.
+        It must fit the free disk space (estimated first); a full disk while writing leaves `latest` as it was."""
         d, engine = self.dims, self.engine
+        full = not d.distributed or self.full_copy == "every" or (self.full_copy == "last" and final)
+        need = self._check_space(step, full)
         tmp = fmt.begin(self.run_dir, step)
-        ema = engine.ema.shadow
-        if d.distributed:
-            engine.save_shards(tmp / "engine")
-            if d.zero == 3 or d.rank("dp_cp") == 0:
-                fmt.write_tensors(tmp / "ema" / self._ema_file(), {str(i): e for i, e in enumerate(ema)})
-        fmt.write_full(tmp, self._named(), ema, engine.optimizer, d.rank("stage"), d.size("stage"))
-        fmt.write_rank_state(tmp)
-        if d.rank("world") == 0:
-            meta = {"step": step, **meta, "layout": d.describe(), "world_size": d.world_size,
-                    "optimizer_step": fmt.optimizer_step(engine.optimizer), "params": self.shapes}
-            fmt.write_main(tmp, meta, state, self.config_yaml)
-        return fmt.commit(self.run_dir, tmp, self.keep)
+        try:
+            ema = engine.ema.shadow
+            if d.distributed:
+                engine.save_shards(tmp / "engine")
+                if d.zero == 3 or d.rank("dp_cp") == 0:
+                    fmt.write_tensors(tmp / "ema" / self._ema_file(), {str(i): e for i, e in enumerate(ema)},
+                                      metadata={"params": json.dumps(self._shard_index())})
+            if full:
+                fmt.write_full(tmp, self._named(), ema, engine.optimizer, d.rank("stage"), d.size("stage"))
+            fmt.write_rank_state(tmp)
+            if d.rank("world") == 0:
+                meta = {"step": step, **meta, "layout": d.describe(), "world_size": d.world_size,
+                        "optimizer_step": fmt.optimizer_step(engine.optimizer), "params": self.shapes}
+                fmt.write_main(tmp, meta, state, self.config_yaml)
+            return fmt.commit(self.run_dir, tmp, self.keep)
+        except Exception as e:
+            full_disk = fmt.no_space(e)
+            if full_disk is None:
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # incomplete: never loadable; `latest` was not touched
+            raise fmt.CheckpointError(
+                f"the disk filled up while writing checkpoint step_{step:08d} in {self.run_dir} ({full_disk}); it "
+                f"needs about {need:,} bytes, {fmt.free_bytes(self.run_dir):,} are free now; `latest` still names "
+                f"the previous complete checkpoint. {self._space_advice()}") from None
+
+    def _shard_index(self) -> dict:
+        """What `stdit ckpt convert` needs to rebuild full tensors offline from this rank's shards (parallel/
+        convert.py): per engine parameter (its index in the EMA file) its plain name, engine name, TP dimension
+        (None: not split) and TP-local shape; and DeepSpeed's model-parallel rank, which names its files."""
+        named = self.engine.module.named_parameters()
+        return {"mp_rank": getattr(getattr(self.engine, "engine", None), "checkpoint_mp_rank", 0),
+                "params": [[i, plain, name, fmt.tp_dim(p), list(p.ds_shape if fmt.is_zero3(p) else p.shape)]
+                           for i, (plain, (name, p)) in enumerate(zip(self.names, named))]}
+
+    def _check_space(self, step: int, full: bool) -> int:
+        """The checkpoint's estimated bytes, if the run directory's filesystem has them free on every rank
+        (collective); else an error naming the bytes needed and free and the keys that reduce them."""
+        d, module = self.dims, self.engine.module
+        params = sum(torch.Size(s).numel() for s in self.shapes.values())
+        # what the shards hold: each (stage, tensor rank) its TP-local tensors, summed over one data-parallel replica
+        mine = sum(torch.Size(p.ds_shape if fmt.is_zero3(p) else p.shape).numel() for p in module.parameters())
+        stored = torch.tensor([mine if d.rank("dp_cp") == 0 else 0], dtype=torch.int64)
+        if dist.is_initialized():
+            dist.all_reduce(stored)
+        weight_bytes = next(module.parameters()).element_size()
+        parts = fmt.checkpoint_bytes(params, d.distributed, full, weight_bytes, d.zero, int(stored))
+        need, free = sum(parts.values()), fmt.free_bytes(self.run_dir)
+        fits = torch.tensor([int(free >= need)])
+        if dist.is_initialized():
+            dist.all_reduce(fits, op=dist.ReduceOp.MIN)
+        if not int(fits):
+            where = f"{self.run_dir}" if free < need else f"{self.run_dir} (on another process's filesystem)"
+            raise fmt.CheckpointError(
+                f"not enough disk space for checkpoint step_{step:08d} in {where}: it needs about {need:,} bytes ("
+                + ", ".join(f"{k} {v:,}" for k, v in parts.items() if v) + f"), {free:,} are free; nothing was "
+                f"written or removed. {self._space_advice()}")
+        return need
+
+    def _space_advice(self) -> str:
+        keep = f"Free space there or lower checkpoint.keep (now {self.keep} checkpoints are kept)"
+        if not self.dims.distributed:
+            return keep + "; checkpoint.full_copy does not apply to one process (its full/ copy is all its state)"
+        return (f"{keep}, or set checkpoint.full_copy=last or never (now {self.full_copy}; the layout-free copy full/ "
+                "is 16 bytes per parameter)")

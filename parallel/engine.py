@@ -57,13 +57,13 @@ class TorchEngine:
         return total
 
     def step(self) -> tuple[float, float]:
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clip)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clip))  # the one wait
         lr = self.scheduler.get_last_lr()[0]
-        self.skipped = not bool(torch.isfinite(grad_norm))  # as DeepSpeed's ZeRO optimizers skip an overflow
+        self.skipped = not math.isfinite(grad_norm)  # as DeepSpeed's ZeRO optimizers skip an overflow
         if not self.skipped:
             self.optimizer.step()
             self.scheduler.step()
-        return float(grad_norm), lr
+        return grad_norm, lr
 
     def save_shards(self, path) -> None:
         """Nothing: one process's state is all in the layout-free copy."""

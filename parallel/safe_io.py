@@ -143,13 +143,14 @@ def deepspeed_globals() -> list:
     return [LossScaler, ZeroStageEnum, fragment_address]
 
 
-def safe_torch_load(path, allow: list = (), map_location="cpu"):
+def safe_torch_load(path, allow: list = (), map_location="cpu", mmap: bool = False):
     """torch.load(weights_only=True) with only `allow` added to torch's own allow-list (tensors, containers,
-    numbers, strings); a file holding anything else is refused with an error naming it, and nothing of it runs."""
+    numbers, strings); a file holding anything else is refused with an error naming it, and nothing of it runs.
+    `mmap`: tensors are read from the file as they are used."""
     import pickle
     try:
         with torch.serialization.safe_globals(list(allow)):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise CheckpointError(f"{path} is missing") from None
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, TypeError) as e:

@@ -17,9 +17,15 @@ commands:
   vae stats --run RUN_DIR        measure the autoencoder's latent mean / std on its training data
   data shard SRC OUT [--manifest F] probe video/image files with captions, write webdataset tar shards
   data cache --vae RUN [--text-encoder PATH] SRC_SHARDS... OUT   encode shards once: latents + caption embeddings
+  data stats SHARDS... [--recipe R] [key=value ...]   clips per bucket (data.buckets) and the packing's padding
+  data caption SHARDS... OUT --model VLM   (re)caption clips with a local vision-language model (resumable)
+  prompt expand --model LLM --prompt TEXT (--run RUN | --recipe R)   rewrite a short prompt in the training
+                                 captions' style (also: generate / eval --expand-prompt LLM)
   ckpt info PATH [--fast]        what a checkpoint (or a run's newest one) holds; checks every file's size and
                                  checksum (--fast: sizes only)
   ckpt export PATH OUT           consolidated EMA + raw weights (safetensors) and config, for `generate --run OUT`
+  ckpt convert PATH              build the layout-free copy full/ of a checkpoint written with checkpoint.full_copy
+                                 =last|never (needed for another layout, export, generate)
   slurm submit RECIPE [key=value ...] --nodes N --gpus-per-node G --time T [--dry-run]
                                  render slurm/train.sbatch for the allocation, check the layout fits, sbatch it
   plan RECIPE [key=value ...] --gpus N [--gpu-mem GIB] [--suggest]
@@ -54,6 +60,15 @@ def main(argv: list[str] | None = None) -> None:
         elif command == "data" and rest[:1] == ["cache"]:
             from stdit.commands import data
             data.cache(rest[1:])
+        elif command == "data" and rest[:1] == ["stats"]:
+            from stdit.commands import data
+            data.stats(rest[1:])
+        elif command == "data" and rest[:1] == ["caption"]:
+            from stdit.commands import data
+            data.caption(rest[1:])
+        elif command == "prompt":
+            from stdit.commands import prompt
+            prompt.main(rest)
         elif command == "ckpt":
             from stdit.commands import ckpt
             ckpt.main(rest)

@@ -68,6 +68,16 @@ class ModelConfig:
     """RMS-normalise queries and keys per head (keeps attention logits bounded)."""
     rope_theta: float = 10000.0
     """Base of the 3D rotary position embedding."""
+    rope_axes: str = "shared"
+    """shared (every self-attention rotates head dims split over time, row and column) | per_attention (each
+    rotates all head dims by the axes it compares: spatial by row and column, temporal by time, full by all three)."""
+    time_embed: str = "none"
+    """none | relative: add an embedding of each frame's time index counted from its sample's first frame to the
+    frame's conditioning (adaLN), so a frame knows where it sits in its clip (RoPE alone only tells attention
+    relative offsets); shifting all of a sample's time indices still changes nothing."""
+    pos_embed: str = "none"
+    """none | sincos: add DiT's fixed 2D sinusoidal embedding of each token's (row, column) to its embedding, so
+    the MLPs know where a token is in its frame (RoPE alone only tells attention relative offsets)."""
     fps_conditioning: bool = True
     """Add an fps embedding to the timestep embedding."""
     vae: str | None = None
@@ -76,6 +86,9 @@ class ModelConfig:
     activation_checkpointing: str = "none"
     """What each block keeps for backward: none (every activation) | selective (recompute each attention kernel,
     softmax(QK^T)V, in backward) | full (keep only the block's input, recompute the whole block in backward)."""
+    compile: bool = False
+    """Compile each block with torch.compile (dynamic shapes: packed batches of any segment mix reuse one graph;
+    recompiles are logged as `recompiles` in the metrics). Fuses the norm, RoPE, modulation and gate glue."""
 
 
 @dataclass
@@ -154,6 +167,17 @@ class DataConfig:
     """data.source=shards: when > 0, the frame stride is source fps / target_fps (rounded, >= 1) per clip."""
     cached: bool = False
     """data.source=shards: the shards are `stdit data cache` output (autoencoder latents + caption embeddings)."""
+    buckets: list[list[float]] = field(default_factory=list)
+    """data.source=shards: [height, width, frames] or [height, width, frames, weight] per bucket; when given they
+    replace data.resolutions and data.frame_counts. A clip goes to the largest bucket that fits inside it at its
+    aspect ratio; weight in (0, 1] is the share of clips that stay in a bucket rather than move to the next
+    smaller one that fits them (stdit/data/buckets.py). `stdit data stats` prints where the clips go."""
+    allow_upscale: bool = False
+    """With data.buckets: a clip smaller than every bucket of its aspect ratio is enlarged to the smallest of them
+    (false: left out and counted)."""
+    captions: str | None = None
+    """data.source=shards: a caption manifest written by `stdit data caption` (OUT/captions.jsonl); its captions
+    replace the shards' own for training (the originals stay in the shards and beside each one in the manifest)."""
     max_bad_fraction: float = 0.01
     """data.source=shards: a sample that cannot be read (truncated shard, empty or corrupt member) is replaced by a
     deterministic substitute of the same shape (logged with shard and offset, counted in metrics as bad_samples);
@@ -260,6 +284,22 @@ class CheckpointConfig:
     """auto (from run.dir's newest checkpoint whose files verify, if any; an older one when newer ones are damaged,
     said loudly) | never | PATH to a checkpoint directory | PATH to a run directory (its newest). The layout
     (parallel.*, number of processes) may differ from the one that wrote it."""
+    full_copy: str = "every"
+    """Which checkpoints hold the layout-free copy full/ (fp32 model, EMA and Adam moments under the plain model's
+    names: 16 bytes per parameter, ~480 GB at 30B), which a resume on another layout, `stdit ckpt export` and
+    `stdit generate` read: every | last (only the checkpoint written when the run ends or stops on a signal, e.g. a
+    preemption: the one likely to move to another allocation; periodic ones keep engine shards only) | never. A
+    resume on the same layout never needs it; `stdit ckpt convert CKPT` builds it offline for one that lacks it
+    (run.samples_at_end, which samples from it, is skipped without it). One process always writes it (it is all its
+    state)."""
+    init_from: str | None = None
+    """Start a new run (step 0, fresh optimizer, LR schedule and data order) from another run's weights: its run
+    directory (newest checkpoint), a checkpoint directory or an export, on any layout (stdit/init_from.py).
+    Parameters the source lacks (e.g. added conditioning) are initialised as usual, parameters only it has are
+    dropped, both listed; a shape that differs is an error. Ignored when run.dir holds a checkpoint: resume wins,
+    so a preempted fine-tune continues instead of starting over."""
+    init_weights: str = "ema"
+    """Which weights of checkpoint.init_from: ema (the EMA, what generation uses) | model (the raw weights)."""
 
 
 @dataclass
@@ -334,6 +374,8 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | None = 
     if conf.model.vae is not None and conf.run.stage == "dit":  # the DiT denoises that autoencoder's latents
         conf.model.vae = str(Path(conf.model.vae).resolve())  # the resolved config works from any directory
         conf.model.in_channels = vae_config_of(conf.model.vae).latent_channels
+    if conf.checkpoint.init_from is not None:  # the resolved config works from any directory
+        conf.checkpoint.init_from = str(Path(conf.checkpoint.init_from).resolve())
     validate(conf)
     return conf
 
@@ -383,6 +425,17 @@ def validate(cfg: Config) -> None:
     head_dim = m.hidden_size // max(m.num_heads, 1)
     _check(head_dim % 2 == 0 and head_dim >= 6, "model.hidden_size",
            f"head dim hidden_size/num_heads={head_dim} must be even and >= 6 for 3D RoPE")
+    _check(m.rope_axes in ("shared", "per_attention"), "model.rope_axes",
+           f"must be shared or per_attention, got {m.rope_axes!r}")
+    if m.rope_axes == "per_attention":
+        _check(head_dim % 4 == 0, "model.rope_axes",
+               f"per_attention splits the head dim in two even halves; hidden_size/num_heads={head_dim} is not a "
+               "multiple of 4")
+    _check(m.time_embed in ("none", "relative"), "model.time_embed",
+           f"must be none or relative, got {m.time_embed!r}")
+    _check(m.pos_embed in ("none", "sincos"), "model.pos_embed", f"must be none or sincos, got {m.pos_embed!r}")
+    _check(m.pos_embed == "none" or m.hidden_size % 4 == 0, "model.pos_embed",
+           f"sincos needs model.hidden_size divisible by 4, got {m.hidden_size}")
     _check(m.depth >= 1, "model.depth", f"must be >= 1, got {m.depth}")
     _check(m.attention in ("factorized", "full"), "model.attention",
            f"must be factorized or full, got {m.attention!r}")
@@ -414,6 +467,21 @@ def validate(cfg: Config) -> None:
     _check(d.target_fps >= 0, "data.target_fps", f"must be >= 0 (0: use data.frame_stride), got {d.target_fps}")
     _check(not d.cached or d.source == "shards", "data.cached", "cached latents are read from data.shards; "
            "set data.source=shards")
+    missing = [k for k, v in (("text.path", cfg.text.path), ("model.vae", m.vae)) if v is None]
+    _check(not d.cached or cfg.run.stage != "dit" or not missing, " and ".join(missing),
+           f"data.cached=true trains on `stdit data cache` latents: set {'them' if len(missing) > 1 else 'it'} to "
+           "the text encoder / autoencoder the cache was made with (its cache.json names them), which training "
+           "checks against the cache and uses for dropped captions and the end-of-run samples")
+    if d.buckets:
+        from stdit.data.buckets import parse_buckets
+        _check(d.source == "shards", "data.buckets", "buckets place real clips: set data.source=shards")
+        try:
+            parse_buckets(d.buckets)
+        except ValueError as e:
+            raise ConfigError(f"data.buckets: {e}") from None
+    _check(d.captions is None or (d.source == "shards" and not d.cached), "data.captions",
+           "replaces the captions of pixel shards (data.source=shards, data.cached=false); cached shards hold the "
+           "captions they were encoded with")
     _check(d.window == 0 or d.window >= 2, "data.window", f"must be 0 (whole clips) or >= 2, got {d.window}")
     _check(d.max_span == 0 or d.max_span >= d.window, "data.max_span",
            f"must be 0 or >= data.window={d.window}, got {d.max_span}")
@@ -439,6 +507,10 @@ def validate(cfg: Config) -> None:
     _check(p.timeout_s > 0, "parallel.timeout_s", f"must be > 0 seconds, got {p.timeout_s}")
     _check(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0")
     _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+    _check(cfg.checkpoint.full_copy in ("every", "last", "never"), "checkpoint.full_copy",
+           f"must be every, last or never, got {cfg.checkpoint.full_copy!r}")
+    _check(cfg.checkpoint.init_weights in ("ema", "model"), "checkpoint.init_weights",
+           f"must be ema or model, got {cfg.checkpoint.init_weights!r}")
 
 
 def compression_factors(v: VAEConfig) -> tuple[int, int]:
@@ -456,8 +528,14 @@ def sample_token_grids(cfg: Config) -> list[tuple[int, int, int]]:
     """Token grid of every (frame count, resolution) clip data.* allows, as trained (at most data.window frames);
     ValueError if one does not fit."""
     factors = sample_grid_factors(cfg)
-    return [token_grid((t, h, w), cfg.model.patch_size, factors, cfg.data.window)
-            for t in cfg.data.frame_counts for h, w in cfg.data.resolutions]
+    return [token_grid(shape, cfg.model.patch_size, factors, cfg.data.window) for shape in clip_shapes(cfg.data)]
+
+
+def clip_shapes(d: DataConfig) -> list[tuple[int, int, int]]:
+    """(frames, H, W) of every clip data.* allows: data.buckets, else data.frame_counts x data.resolutions."""
+    if d.buckets:
+        return [(int(b[2]), int(b[0]), int(b[1])) for b in d.buckets]
+    return [(t, h, w) for t in d.frame_counts for h, w in d.resolutions]
 
 
 def _fits(shape, patch_size, factors) -> bool:
@@ -477,17 +555,23 @@ def validate_dit_data(cfg: Config) -> None:
     factors = sample_grid_factors(cfg)
     (ft, fs), (pt, ph, pw) = factors, m.patch_size
     squeeze = f" after the autoencoder's {ft}x{fs}x{fs} compression" if (ft, fs) != (1, 1) else ""
-    for hw in d.resolutions:
+    for t, h, w in clip_shapes(d) if d.buckets else []:
+        _check(_fits((t, h, w), m.patch_size, factors), "data.buckets",
+               f"[{h}, {w}, {t}] must have H, W divisible by the patch (ph, pw)={m.patch_size[1:]}{squeeze} and a "
+               f"(latent) frame count divisible by model.patch_size[0]={pt}"
+               + (f" (frames 1 + {ft}k for the autoencoder)" if ft > 1 else ""))
+    for hw in [] if d.buckets else d.resolutions:
         _check(len(hw) == 2 and _fits((1 + ft * (pt - 1), *hw), m.patch_size, factors), "data.resolutions",
                f"{hw} is not (H, W) divisible by the patch (ph, pw)={m.patch_size[1:]}{squeeze}")
-    for t in d.frame_counts:
+    for t in [] if d.buckets else d.frame_counts:
         _check(_fits((t, fs * ph, fs * pw), m.patch_size, factors), "data.frame_counts",
                f"frame count {t} must be >= 1" + (f", 1 + {ft}k for the autoencoder" if ft > 1 else "")
                + f" and give a (latent) frame count divisible by the temporal patch model.patch_size[0]={pt}")
     largest = max(math.prod(g) for g in sample_token_grids(cfg))
     _check(d.token_budget >= largest, "data.token_budget",
            f"{d.token_budget} tokens cannot hold the largest sample ({largest} tokens); raise it to >= {largest} "
-           "or drop the largest entries of data.resolutions / data.frame_counts")
+           "or drop the largest entries of "
+           + ("data.buckets" if d.buckets else "data.resolutions / data.frame_counts"))
 
 
 def validate_vae(cfg: Config) -> None:
@@ -498,10 +582,13 @@ def validate_vae(cfg: Config) -> None:
     _check(all((v.base_channels * k) % v.norm_groups == 0 for k in v.channel_mult), "vae.norm_groups",
            f"{v.norm_groups} must divide every level's width vae.base_channels * vae.channel_mult")
     ft, fs = compression_factors(v)
-    for t in d.frame_counts:
+    for t, h, w in clip_shapes(d) if d.buckets else []:
+        _check(_fits((t, h, w), (1, 1, 1), (ft, fs)), "data.buckets", f"[{h}, {w}, {t}] must have H, W multiples "
+               f"of the autoencoder's {fs}x spatial compression and frames 1 + {ft}k")
+    for t in [] if d.buckets else d.frame_counts:
         _check(_fits((t, fs, fs), (1, 1, 1), (ft, fs)), "data.frame_counts",
                f"frame count {t} must be 1 + {ft}k for the autoencoder")
-    for hw in d.resolutions:
+    for hw in [] if d.buckets else d.resolutions:
         _check(len(hw) == 2 and _fits((1, *hw), (1, 1, 1), (ft, fs)), "data.resolutions",
                f"{hw} must be (H, W) multiples of the autoencoder's {fs}x spatial compression")
     _check(v.tile_size % fs == 0 and v.tile_overlap % fs == 0 and v.tile_overlap < max(v.tile_size, 1),

@@ -7,7 +7,9 @@ ZeRO partitions over):
   master weights + Adam moments 12Ψ; ZeRO-1 divides the 12Ψ by N, ZeRO-2 also the gradients, ZeRO-3 also the
   weights. fp32 training (CPU; one CUDA process without DeepSpeed keeps fp32 weights under autocast): weights 4Ψ,
   gradients 4Ψ, Adam moments 8Ψ, plus a 4Ψ fp32 master copy where DeepSpeed's ZeRO optimizer makes one.
-  The trainer's EMA adds 4Ψ (its shard under ZeRO-3). Frozen encoders (text, autoencoder) are held whole, fp32.
+  The trainer's EMA adds 4Ψ (its shard under ZeRO-3). Frozen encoders (text, autoencoder) are held whole, fp32,
+  on every GPU; with cached latents on none (the trainer keeps the text encoder on the CPU, where it encodes the
+  empty caption, and loads the autoencoder only to decode the end-of-run samples).
 - activations, counted per block as Korthikanti et al. 2022 count them for GPT ("Reducing Activation
   Recomputation in Large Transformer Models", sec. 4): the tensors autograd keeps for backward, per token, in
   units of the hidden size h (2 bytes each in bf16, 4 in fp32); parts inside the tensor-parallel region divide by
@@ -44,6 +46,10 @@ def text_dim_and_params(cfg: Config) -> tuple[int, int]:
     from stdit.models.text import _random_model, build_tokenizer
     with torch.device("meta"):
         if cfg.text.path is not None:
+            from pathlib import Path
+            if not (Path(cfg.text.path) / "config.json").is_file():
+                raise ConfigError(f"text.path={cfg.text.path}: no config.json there; the plan reads the text "
+                                  "encoder's size from it (the weights are not needed)")
             config = tf.AutoConfig.from_pretrained(cfg.text.path, local_files_only=True)
             model = (tf.T5EncoderModel if cfg.text.kind == "t5" else tf.CLIPTextModel)(config)
         else:
@@ -54,8 +60,9 @@ def text_dim_and_params(cfg: Config) -> tuple[int, int]:
 
 
 def vae_params(cfg: Config) -> int:
-    """Parameters of the frozen autoencoder that encodes clips on the fly (none with cached latents)."""
-    if cfg.model.vae is None or cfg.data.cached:
+    """Parameters of the frozen autoencoder (model.vae): it encodes clips on the fly, or with cached latents
+    decodes the end-of-run samples."""
+    if cfg.model.vae is None:
         return 0
     from stdit.config import vae_config_of
     from stdit.models.vae import VideoVAE
@@ -202,6 +209,7 @@ class Estimator:
             self.model = build_model(cfg.model, self.text_dim)
         self.params = sum(p.numel() for p in self.model.parameters())
         self.frozen = self.text_params + vae_params(cfg)
+        self.frozen_on_gpu = 0 if cfg.data.cached else self.frozen  # see the module docstring
         self.flops = flops(cfg, self.text_dim)
 
     def memory(self, layout: ParallelDims) -> dict:
@@ -209,7 +217,7 @@ class Estimator:
         world = layout.world_size
         psi = rank_params(self.model, self.cfg.model.depth, layout.tp, layout.pp)
         parts = state_bytes(psi, layout, self.device, world > 1 or layout.zero > 0)
-        parts["frozen encoders"] = 4 * self.frozen
+        parts["frozen encoders"] = 4 * self.frozen_on_gpu
         act = activation_bytes(self.cfg, layout, self.device)
         parts["activations"], parts["attention workspace"] = act["activations"], act["workspace"]
         if act["recompute"]:
@@ -253,7 +261,10 @@ def report(estimator: Estimator, layout: ParallelDims, gpu_mem: float | None) ->
     world = layout.world_size
     m, recompute = cfg.model, cfg.model.activation_checkpointing
     model = (f"model: {estimator.params:,} parameters ({_fmt(estimator.params)}), depth {m.depth}, hidden "
-             f"{m.hidden_size}, {m.attention} attention; frozen encoders {_fmt(estimator.frozen)}")
+             f"{m.hidden_size}, {m.attention} attention; frozen encoders {_fmt(estimator.frozen)} (text "
+             f"{_fmt(estimator.text_params)}, autoencoder {_fmt(estimator.frozen - estimator.text_params)}"
+             + ("; cached latents: the text encoder stays on the CPU, the autoencoder decodes the end-of-run samples)"
+                if cfg.data.cached else ")"))
     flop = (f"model FLOPs (forward + backward): {_fmt(f['per_token'])} per token, {_fmt(f['per_step'])} per step of "
             f"{f['tokens_per_step']:,.0f} tokens ({_fmt(f['per_step'] / world)} per GPU)")
     if recompute == "full":
@@ -277,3 +288,38 @@ def suggestions(estimator: Estimator, world: int, gpu_mem: float, limit: int = 1
     fits = [(lay, b) for lay, b in fits if b <= HEADROOM * gpu_mem * GIB]
     fits.sort(key=lambda x: (x[0].tp * x[0].pp * x[0].cp, x[0].zero, x[0].pp, x[0].cp, x[1]))
     return fits[:limit]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sampling (`stdit generate`): checked before sampling starts
+# ----------------------------------------------------------------------------------------------------------
+
+def sampling_bytes(cfg: Config, tokens: int, frames: int, height: int, width: int, upscale: int,
+                   device: str) -> dict[str, float]:
+    """Peak memory of sampling, by part (bytes; the model and encoders are already loaded, not counted):
+    - latents: `tokens` tokens per model call (both copies under guidance): the noisy latents, noise, the velocity
+      of both copies and the packed batch's tokens, in fp32 (6 values per token channel)
+    - activations of the biggest call (no autograd: a block's tensors die with it), per token in units of the
+      hidden size: the residual stream and the model's input and output (OUTSIDE_BLOCKS), the block's per-token
+      adaLN modulation (6), and the larger of self-attention (qkv 3, normed and rotated q, k 2, the kernel's
+      output 1, and the reference kernel's gathered q, k, v and two output copies 5; the kernels compute scores
+      tile by tile: no score matrix) and the MLP (normed input 1, fc1 and GELU outputs 2 * mlp_ratio). Measured
+      (tiny recipe, 16x128x128 with guidance, CPU): peak RSS 26 h per token, this count 23
+    - video (host memory): the decoded fp32 pixels, their uint8 frames and the upscaled frames written."""
+    m = cfg.model
+    token_dim = m.in_channels * math.prod(m.patch_size)
+    flash = device == "cuda" and m.attention_backend in ("auto", "flash_attn", "torch_varlen")
+    attention = 3 + 2 + 1 + (0 if flash else 5)
+    per_token = 1 + OUTSIDE_BLOCKS + 6 + max(attention, 1 + 2 * m.mlp_ratio)
+    pixels = 3 * frames * height * width
+    return {"latents": 6 * tokens * token_dim * 4, "activations": per_token * tokens * m.hidden_size * 4,
+            "video": pixels * (4 + 1 + upscale ** 2)}
+
+
+def available_bytes(device) -> tuple[float, float]:
+    """(free memory of `device`, available host memory) in bytes; the same pool twice on the CPU."""
+    import psutil
+    host = psutil.virtual_memory().available
+    if torch.device(device).type == "cuda":
+        return torch.cuda.mem_get_info(torch.device(device))[0], host
+    return host, host

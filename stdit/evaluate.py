@@ -307,7 +307,7 @@ class Case:
     positions are the given frames (the reference of `kept`). frames: pixel frames sampled (loop: T + time factor;
     the extra ones are dropped). condition: condition_for's (clean video in the model's space, bool token-frame
     mask) or None. given: bool [T] output frames given (not scored) or None. edit: the pixel clip to edit, source:
-    its caption."""
+    its caption. prompt: what the model is given instead of the caption (an expanded prompt), or None."""
 
     caption: str
     clip: torch.Tensor
@@ -316,6 +316,7 @@ class Case:
     given: torch.Tensor | None = None
     edit: torch.Tensor | None = None
     source: str | None = None
+    prompt: str | None = None
 
 
 def mode_case(mode: str, clip, cfg, vae=None, seed: int = 0, index: int = 0) -> Case:
@@ -379,7 +380,7 @@ def generate(model, text_encoder, cfg, cases: list[Case], vae=None, seed: int = 
         edits = [None if c.edit is None else c.edit if vae is None else
                  vae.encode(c.edit[None].to(device), tiled=True)[0].cpu() for c in part]
         edited = any(e is not None for e in edits)
-        out = sample_videos(model, text_encoder, [c.caption for c in part],
+        out = sample_videos(model, text_encoder, [c.prompt or c.caption for c in part],
                             [latent_shape((c.frames, *c.clip.shape[2:]), factors) for c in part], cfg.model,
                             cfg.diffusion, seed=seed + start, fps=cfg.data.fps_choices[0], steps=steps,
                             cfg_scale=cfg_scale, progress=progress, conditions=[c.condition for c in part],
@@ -403,6 +404,8 @@ def score_mode(cases: list[Case], videos, mode: str = "") -> dict:
     records, sources = [], []
     for c, v in zip(cases, videos):
         r = score_clip(v, c.caption, c.given)  # given frames are the real clip's: only generated frames are scored
+        if c.prompt is not None:
+            r["prompt"] = c.prompt
         if c.given is not None:
             r.update(condition_metrics(v, c.clip, c.given), given_frames=c.given.nonzero().flatten().tolist())
         if mode == "loop":
@@ -499,11 +502,14 @@ def generate_long_clips(model, text_encoder, cfg, captions: list[str], hws: list
 
 def evaluate(run, out, n: int = 16, modes=DEFAULT_MODES, seed: int = 0, steps: int | None = None,
              cfg_scale: float | None = None, device: str = "auto", weights: str = "ema", batch: int = 8,
-             progress: bool = False, long_n: int = 4, long_factors=LONG_FACTORS, strength: float = 0.7) -> dict:
+             progress: bool = False, long_n: int = 4, long_factors=LONG_FACTORS, strength: float = 0.7,
+             expand_prompt: str | None = None) -> dict:
     """Generate n held-out clips per short mode (long_n per long-video scheme and length) with a run's weights,
     score them, write the report into `out` (results.json, results.md, contact_*.png, report.html, tb/) and return
     the results. A mode the run cannot do (e.g. later given frames for a causal model) is listed under `skipped`
-    with the reason."""
+    with the reason. With `expand_prompt` (a local instruct model) each short mode also runs on its captions
+    expanded in the style of the run's training captions (stdit/prompt.py), scored against the same captions, as
+    mode `NAME+expanded`."""
     from tqdm import tqdm
 
     from stdit.eval_report import write_report
@@ -567,5 +573,27 @@ def evaluate(run, out, n: int = 16, modes=DEFAULT_MODES, seed: int = 0, steps: i
             videos = generate(model, text_encoder, cfg, cases, vae, seed, steps, cfg_scale, batch, strength, bar)
         results["modes"][name] = score_mode(cases, videos, name)
         shown[name] = (videos, [c.given for c in cases])
+        if expand_prompt is not None:
+            expanded = _expanded(expand_prompt, cfg, cases, seed, device, results.setdefault("expanded", {}))
+            with tqdm(total=steps * -(-n // batch), desc=f"eval {name}+expanded", disable=not progress,
+                      mininterval=1.0) as bar:
+                videos = generate(model, text_encoder, cfg, expanded, vae, seed, steps, cfg_scale, batch, strength,
+                                  bar)
+            results["modes"][f"{name}+expanded"] = score_mode(expanded, videos, name)
+            shown[f"{name}+expanded"] = (videos, [c.given for c in cases])
     write_report(Path(out), results, shown, shown_long)
     return results
+
+
+def _expanded(model_path: str, cfg, cases: list[Case], seed: int, device: str, known: dict) -> list[Case]:
+    """The cases with their captions expanded by a local instruct model (each caption once: `known` maps caption
+    -> expansion across modes and goes into results["expanded"])."""
+    from dataclasses import replace
+
+    from stdit.prompt import PromptExpander, style_examples
+    todo = sorted({c.caption for c in cases} - set(known))
+    if todo:
+        expander = PromptExpander(model_path, style_examples(cfg.data, seed=seed), device, seed=seed)
+        known.update((c, expander.expand(c)) for c in todo)
+        expander.close()
+    return [replace(c, prompt=known[c.caption]) for c in cases]

@@ -8,6 +8,7 @@ directory), and `generate(...)`, one video in any mode (stdit/conditioning.py); 
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -95,6 +96,32 @@ def generate(model, text_encoder, cfg, prompt: str, shape: tuple[int, int, int],
     if vae is not None:
         video = vae.decode(video[None].to(next(vae.parameters()).device), tiled=True)[0].cpu()
     return video[:, :shape[0]]
+
+
+def check_memory(cfg, shape: tuple[int, int, int], device, factors=(1, 1), upscale: int = 1, cfg_scale=None,
+                 window: int | None = None, lower: str = "--frames, --height, --width") -> None:
+    """Refuse, before sampling, a request that will not fit in memory (stdit/estimate.py: sampling_bytes): a
+    ValueError naming the estimate, the memory free and the arguments to lower. `window`: the frames one call
+    samples in latent frames (a stage of --length), else all of `shape` = (frames, height, width) pixels."""
+    from stdit.estimate import GIB, HEADROOM, available_bytes, sampling_bytes
+    t, h, w = shape
+    (ft, fs), patch = factors, cfg.model.patch_size
+    latent = (min(window or t, 1 + (t - 1) // ft), h // fs, w // fs)
+    guided = (cfg.diffusion.cfg_scale if cfg_scale is None else cfg_scale) != 1.0
+    tokens = math.prod(-(-n // p) for n, p in zip(latent, patch)) * (2 if guided else 1)
+    device = torch.device(device)
+    parts = sampling_bytes(cfg, tokens, t, h, w, upscale, device.type)
+    device_free, host_free = available_bytes(device)
+    on_device = parts["latents"] + parts["activations"] + (0 if device.type == "cuda" else parts["video"])
+    checks = [(on_device, device_free, str(device))] + ([(parts["video"], host_free, "host memory")]
+                                                        if device.type == "cuda" else [])
+    for need, free, where in checks:
+        if need > HEADROOM * free:
+            detail = ", ".join(f"{k} {v / GIB:.3g}" for k, v in parts.items())
+            raise ValueError(
+                f"sampling {t}x{h}x{w} (frames x height x width, {tokens:,} tokens per model call"
+                f"{' with guidance' if guided else ''}) needs about {need / GIB:.3g} GiB ({detail} GiB) but {where} "
+                f"has {free / GIB:.3g} GiB free; lower {lower} or --upscale")
 
 
 def load_for_generation(run: str | Path, device: str = "auto", weights: str = "ema"):

@@ -18,9 +18,20 @@ from einops import rearrange
 
 from stdit.grid import token_grid
 
+
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A host tensor on `device` without making the host wait: to CUDA through pinned memory with a
+    non-blocking copy (the caching host allocator keeps the pinned block until the copy is done)."""
+    device = torch.device(device)
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Patchify
 # ----------------------------------------------------------------------------------------------------------
+
 
 
 def patchify(video: torch.Tensor, patch_size) -> torch.Tensor:
@@ -68,6 +79,7 @@ class PackedBatch:
     token_frame: torch.Tensor    # [L] long: frame slot of each token
     frame_sample: torch.Tensor   # [F] long: sample slot of each frame
     frame_cond: torch.Tensor     # [F] bool: frame given clean (timestep 0), not denoised, not in the loss
+    frame_time: torch.Tensor     # [F] float: time index minus its sample's first frame's (padding: 0)
     loss_mask: torch.Tensor      # [L] bool
     fps: torch.Tensor            # [B(+1)] float
     text: torch.Tensor           # [S, D_text] unpadded caption tokens of all samples (+1 zero token for padding)
@@ -108,10 +120,11 @@ class PackedBatch:
         raise ValueError(f"unknown attention kind {kind!r}")
 
     def to(self, device) -> "PackedBatch":
+        """On `device`; to CUDA by non-blocking copies from pinned memory (the host does not wait)."""
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         for k, v in moved.items():
             if isinstance(v, torch.Tensor):
-                moved[k] = v.to(device, non_blocking=True)
+                moved[k] = to_device(v, device)
         return PackedBatch(**moved)
 
 
@@ -174,11 +187,14 @@ def pack(
     dev = token_list[0].device
 
     coords, token_sample, token_frame, frame_sample, frame_cond, loss_mask = [], [], [], [], [], []
+    frame_time = []
     spatial_len, temporal_len, temporal_perm = [], [], []
     n_frames = 0
     for i, ((t, h, w), off) in enumerate(zip(grids, offsets)):
         tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
-        coords.append(torch.stack([_frame_times(times[i], t, i)[tt], hh, ww], -1).reshape(-1, 3))
+        ft = _frame_times(times[i], t, i)
+        coords.append(torch.stack([ft[tt], hh, ww], -1).reshape(-1, 3))
+        frame_time.append((ft - ft[0]).float())
         token_sample.append(torch.full((t * h * w,), i))
         token_frame.append(n_frames + tt.reshape(-1))
         frame_sample.append(torch.full((t,), i))
@@ -207,6 +223,7 @@ def pack(
         token_frame.append(torch.full((pad,), n_frames))
         frame_sample.append(torch.tensor([B]))
         frame_cond.append(torch.tensor([True]))
+        frame_time.append(torch.zeros(1))
         loss_mask.append(torch.zeros(pad, dtype=torch.bool))
         temporal_perm.append(torch.arange(n_real, token_budget))
         cross_len.append(pad)
@@ -218,7 +235,8 @@ def pack(
     return PackedBatch(
         tokens=tokens, coords=torch.cat(coords).to(dev), token_sample=torch.cat(token_sample).to(dev),
         token_frame=torch.cat(token_frame).to(dev), frame_sample=torch.cat(frame_sample).to(dev),
-        frame_cond=torch.cat(frame_cond).to(dev), loss_mask=torch.cat(loss_mask).to(dev), fps=fps_t.to(dev),
+        frame_cond=torch.cat(frame_cond).to(dev), frame_time=torch.cat(frame_time).to(dev),
+        loss_mask=torch.cat(loss_mask).to(dev), fps=fps_t.to(dev),
         text=text, cu_spatial=_cu(spatial_len).to(dev), cu_temporal=_cu(temporal_len).to(dev),
         cu_full=_cu(full_len).to(dev), cu_text=_cu(text_len).to(dev), cu_cross=_cu(cross_len).to(dev),
         temporal_perm=perm.to(dev), temporal_inv=torch.argsort(perm).to(dev), max_spatial=max(spatial_len),

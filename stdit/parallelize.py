@@ -16,9 +16,9 @@ from parallel.context import apply_cp, local_tokens
 from parallel.dims import ParallelDims
 from parallel.pipeline import build_pipeline
 from parallel.tensor import apply_tp
-from stdit.models.layers import rope_cos_sin
-from stdit.models.stdit import STDiT
-from stdit.packing import PackedBatch
+from stdit.models.layers import rope_tables
+from stdit.models.stdit import STDiT, STDiTBlock
+from stdit.packing import PackedBatch, to_device
 
 # Which Linear of a block is column- or row-parallel.
 TP_STYLES = {
@@ -41,9 +41,23 @@ def parallelize_stdit(model: STDiT, dims: ParallelDims) -> nn.Module:
     if dims.pp == 1:
         return model
     layers = [EmbedStage(model)]
-    layers += [BlockStage(b, model.head_dim, model.cfg.rope_theta) for b in model.blocks]
+    layers += [BlockStage(b, model.head_dim, model.cfg) for b in model.blocks]
     layers += [FinalStage(model.final_layer)]
     return build_pipeline(layers, dims, partition_method="type:BlockStage")
+
+
+def apply_compile(model: nn.Module, backend: str = "inductor") -> nn.Module:
+    """torch.compile each block's computation (model.compile), with dynamic shapes so packed batches of any
+    segment mix reuse its graphs. The attention kernels (and context parallelism's all-to-alls around them) stay
+    outside: opaque to the compiler anyway, and their host-side segment bookkeeping must not be traced. Compiling
+    `_forward` (not the module) keeps parameter names and works under every activation checkpointing mode."""
+    for name, module in model.named_modules():
+        if any(name.endswith(k) for k in ATTENTION_KERNELS):
+            module.forward = torch.compiler.disable(module.forward)
+    for module in model.modules():
+        if isinstance(module, STDiTBlock):
+            module._forward = torch.compile(module._forward, dynamic=True, backend=backend)
+    return model
 
 
 def model_inputs(x_t: torch.Tensor, t_frame: torch.Tensor, batch: PackedBatch, pipelined: bool) -> tuple:
@@ -88,14 +102,20 @@ MAXES = ("max_spatial", "max_temporal", "max_full", "max_text", "max_cross", "nu
 
 def stage_inputs(x_t, t_frame, batch: PackedBatch) -> tuple:
     """The first stage's input tuple for one micro-batch (batch already cut to this cp rank's tokens)."""
-    maxes = torch.tensor([getattr(batch, k) for k in MAXES], device=x_t.device)
-    return (x_t, t_frame, batch.fps, batch.frame_sample, batch.text, *[getattr(batch, k) for k in META], maxes)
+    host = [getattr(batch, k) for k in MAXES]
+    maxes = to_device(torch.tensor(host), x_t.device)
+    maxes.host = host  # this stage's blocks read the numbers from here; later stages wait for them once
+    return (x_t, t_frame, batch.fps, batch.frame_sample, batch.frame_time, batch.text,
+            *[getattr(batch, k) for k in META], maxes)
 
 
 def _view(meta: tuple) -> PackedBatch:
     """A PackedBatch holding just what blocks and the final layer read."""
     fields = dict(zip(META, meta[:len(META)]))
-    fields.update(zip(MAXES, meta[len(META)].tolist()))
+    maxes = meta[len(META)]
+    if not hasattr(maxes, "host"):  # one wait per micro-batch and stage, not one per block
+        maxes.host = maxes.tolist()
+    fields.update(zip(MAXES, maxes.host))
     empty = {f.name: None for f in dataclasses.fields(PackedBatch)}
     return PackedBatch(**{**empty, **fields})
 
@@ -106,12 +126,13 @@ class EmbedStage(nn.Module):
     def __init__(self, model: STDiT):
         super().__init__()
         self.cfg, self.num_mod, self.head_dim = model.cfg, model.num_mod, model.head_dim
-        for name in ("x_embedder", "t_embedder", "fps_embedder", "t_block", "y_embedder"):
+        for name in ("x_embedder", "t_embedder", "fps_embedder", "time_embedder", "t_block", "y_embedder"):
             setattr(self, name, getattr(model, name))
 
     def forward(self, inputs):
-        x_t, t_frame, fps, frame_sample, text, *meta = inputs
-        view = dataclasses.replace(_view(tuple(meta)), fps=fps, frame_sample=frame_sample, text=text)
+        x_t, t_frame, fps, frame_sample, frame_time, text, *meta = inputs
+        view = dataclasses.replace(_view(tuple(meta)), fps=fps, frame_sample=frame_sample, frame_time=frame_time,
+                                   text=text)
         x, t_emb, frame_mod, text_emb, _ = STDiT.embed(self, x_t, t_frame, view)  # reads the embedders only
         return (x, t_emb, frame_mod, text_emb, *meta)
 
@@ -119,14 +140,14 @@ class EmbedStage(nn.Module):
 class BlockStage(nn.Module):
     """One STDiT block; RoPE angles are recomputed from the integer coordinates on each stage."""
 
-    def __init__(self, block, head_dim: int, rope_theta: float):
+    def __init__(self, block, head_dim: int, cfg):
         super().__init__()
-        self.block, self.head_dim, self.rope_theta = block, head_dim, rope_theta
+        self.block, self.head_dim, self.cfg = block, head_dim, cfg
 
     def forward(self, inputs):
         x, t_emb, frame_mod, text_emb, *meta = inputs
         view = _view(tuple(meta))
-        rope = rope_cos_sin(view.coords, self.head_dim, self.rope_theta)
+        rope = rope_tables(view.coords, self.head_dim, self.cfg.rope_theta, self.cfg.rope_axes == "per_attention")
         return (self.block(x, frame_mod, text_emb, rope, view), t_emb, frame_mod, text_emb, *meta)
 
 

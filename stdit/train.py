@@ -23,13 +23,14 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from parallel.checkpoint import latest, load_weights
+from parallel.checkpoint import has_full, latest, load_weights
 from parallel.checkpointer import Checkpointer
 from parallel.context import local_tokens
 from parallel.dims import launch_env
 from parallel.engine import build_engine
 from stdit.autoencoder import load_vae
 from stdit.config import Config, ConfigError, TrainingError, to_yaml, validate_layout
+from stdit.data.cache import check_fingerprints
 from stdit.data.loader import StepSampler, build_dataset
 from stdit.data.steps import StepBuilder
 from stdit.data.video import to_uint8, write_video
@@ -38,11 +39,13 @@ from stdit.diffusion.rectified_flow import flow_loss_sum, noisy_inputs
 from stdit.diffusion.sampler import sample_videos
 from stdit.flops import peak_flops
 from stdit.grid import latent_shape, token_grid
+from stdit.init_from import find_source, init_weights
 from stdit.metrics import MetricsLogger
 from stdit.models.stdit import build_model
 from stdit.models.text import TextEncoder
 from stdit.ops import resolve_backend
-from stdit.parallelize import cp_slice, model_inputs, parallelize_stdit, plain_name
+from stdit.packing import to_device
+from stdit.parallelize import apply_compile, cp_slice, model_inputs, parallelize_stdit, plain_name
 
 
 def lr_lambda(cfg: Config):
@@ -55,6 +58,14 @@ def lr_lambda(cfg: Config):
         progress = min((step - warm) / max(total - warm, 1), 1.0)
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
     return f
+
+
+def build_optimizer(model: torch.nn.Module, o) -> torch.optim.AdamW:
+    """AdamW from `optim.*`: one fused kernel over all parameters on CUDA, the multi-tensor (foreach) one
+    elsewhere; never a Python loop over parameters."""
+    cuda = all(p.device.type == "cuda" for p in model.parameters())
+    return torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                             weight_decay=o.weight_decay, **({"fused": True} if cuda else {"foreach": True}))
 
 
 class Trainer:
@@ -70,21 +81,27 @@ class Trainer:
         self.run_dir = Path(cfg.run.dir)
         config_yaml = to_yaml(cfg)
         self.checkpointer = Checkpointer(self.run_dir, self.dims, cfg.checkpoint.keep, config_yaml,
-                                         self.architecture_keys())
+                                         self.architecture_keys(), cfg.checkpoint.full_copy)
         resume = self.checkpointer.find(cfg.checkpoint.resume)  # checked before any process-group work
+        init = self.init_source(resume, rank, world)  # checkpoint.init_from, when there is nothing to resume
         self.dims.init(cfg.parallel.timeout_s)  # process groups where the layout has them
         resume = self.checkpointer.agree()  # every rank hashed its share of the checkpoint's files
         torch.manual_seed(cfg.run.seed)  # every rank builds the same full model, then keeps its shard
         model = self.build_model().to(self.device)
         self.checkpointer.prepare(resume, model, {k: list(v.shape) for k, v in model.named_parameters()})
+        if init is not None and resume is None:  # into the plain model, before it is sharded: any layout
+            line = init_weights(model, init, cfg.checkpoint.init_weights)
+            if self.is_main:
+                print(line, file=sys.stderr)
         self.run_dir.mkdir(parents=True, exist_ok=True)  # only once the config and any checkpoint fit
         if self.is_main:
             (self.run_dir / "config.yaml").write_text(config_yaml)
         if self.dims.distributed:
             model = self.parallelize(model)
+        if cfg.model.compile:
+            apply_compile(model)
         o = cfg.optim
-        optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                                      weight_decay=o.weight_decay)
+        optimizer = build_optimizer(model, o)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
         cuda = self.device.type == "cuda"
         autocast = functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext
@@ -106,18 +123,35 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------------
 
     def build_model(self) -> torch.nn.Module:
-        """The plain, full model (and what it needs: the text encoder, a frozen autoencoder with model.vae)."""
-        self.text_encoder = TextEncoder.from_config(self.cfg.text).to(self.device)
-        self.vae = load_vae(self.cfg.model.vae, self.device) if self.cfg.model.vae is not None else None
+        """The plain, full model (and what it needs: the text encoder, a frozen autoencoder with model.vae). With
+        cached latents neither encoder takes accelerator memory: the text encoder stays on the CPU (it encodes only
+        the empty caption of dropped captions, once, and the end-of-run prompts), the autoencoder is loaded at the
+        end to decode the samples."""
+        cached = self.cfg.data.cached
+        self.text_encoder = TextEncoder.from_config(self.cfg.text).to("cpu" if cached else self.device)
+        self.vae = load_vae(self.cfg.model.vae, self.device) if self.cfg.model.vae is not None and not cached \
+            else None
         self.steps = StepBuilder(self.cfg, self.text_encoder)
         return build_model(self.cfg.model, self.text_encoder.dim)
+
+    def init_source(self, resume: Path | None, rank: int, world: int) -> Path | None:
+        """Where checkpoint.init_from's weights are (checked now, before any process-group work), or None: not
+        set, or run.dir holds a checkpoint, and resuming wins (a preempted fine-tune continues)."""
+        c = self.cfg.checkpoint
+        if c.init_from is None:
+            return None
+        if resume is not None:
+            if self.is_main:
+                print(f"checkpoint.init_from={c.init_from} ignored: resuming from {resume}", file=sys.stderr)
+            return None
+        return find_source(c.init_from, c.init_weights, (rank, world))
 
     def parallelize(self, model: torch.nn.Module) -> torch.nn.Module:
         return parallelize_stdit(model, self.dims)
 
     def architecture_keys(self) -> list[str]:
         """Config keys a resume must not change (compared with the checkpoint's config.yaml, named on mismatch)."""
-        runtime = {"attention_backend", "activation_checkpointing", "vae"}  # change how, not what, it computes
+        runtime = {"attention_backend", "activation_checkpointing", "vae", "compile"}  # how, not what, it computes
         return [f"model.{f.name}" for f in dataclasses.fields(self.cfg.model) if f.name not in runtime]
 
     def plain_name(self, name: str) -> str:
@@ -142,6 +176,11 @@ class Trainer:
                               f"caption embeddings, but the model takes model.in_channels={self.cfg.model.in_channels}"
                               f" and the text encoder gives {self.text_encoder.dim}; set model.vae and text.* to "
                               "what `stdit data cache` used (its OUT/cache.json)")
+        try:  # the same encoders, not only the same widths: their configs and weights (the cache's fingerprints)
+            check_fingerprints(sorted({e[0] for e in dataset.entries}), load_vae(self.cfg.model.vae, "cpu"),
+                               self.text_encoder)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     def check_bad_data(self, bad: int) -> None:
         """Stop when more than data.max_bad_fraction of the data was bad: of the shards' indexed samples (probes
@@ -179,18 +218,21 @@ class Trainer:
         normaliser (the step's loss-token count) is kept for loss()."""
         samples, plan = self.global_batch(step)
         micro, self.loss_tokens, stats = self.steps.build(step, plan, samples, self.dims.rank("dp"), self.dims.dp)
-        rank, size = self.dims.rank("cp"), self.dims.cp
-        items = []
-        for batch, draws in micro:
-            batch = batch.to(self.device)
-            x_t, t_frame, target = noisy_inputs(batch, draws)
-            mine = local_tokens(batch.tokens.shape[0], rank, size)
-            view = cp_slice(batch, rank, size)
-            inputs = model_inputs(x_t[mine], t_frame, view, self.dims.pp > 1)
-            items.append((inputs, (target[mine], view.loss_mask.float())))
+        items = [self.device_item(batch, draws) for batch, draws in micro]
         if self.cfg.run.log_sample_ids:
             stats["sample_ids"] = plan.ids
         return items, stats
+
+    def device_item(self, batch, draws) -> tuple:
+        """A packed micro-batch on the device as this cp rank's engine item; the host never waits for the device
+        here (non-blocking copies, noise drawn on the device), so it can queue micro-batch after micro-batch."""
+        rank, size = self.dims.rank("cp"), self.dims.cp
+        batch = batch.to(self.device)
+        x_t, t_frame, target = noisy_inputs(batch, draws)
+        mine = local_tokens(batch.tokens.shape[0], rank, size)
+        view = cp_slice(batch, rank, size)
+        inputs = model_inputs(x_t[mine], t_frame, view, self.dims.pp > 1)
+        return inputs, (target[mine], view.loss_mask.float())
 
     def loss(self, pred: torch.Tensor, labels) -> torch.Tensor:
         """A micro-batch's share of the step's loss: mean over all loss tokens of the step (every rank's)."""
@@ -232,13 +274,16 @@ class Trainer:
         d = self.dims
         loss_speaker = d.rank("tp") == 0 and d.is_last_stage()
         dp_speaker = d.rank("tp") == 0 and d.rank("cp") == 0 and d.rank("pp") == 0
-        values = [v if loss_speaker else 0.0 for v in losses.values()]
-        values += [v if dp_speaker else 0.0 for v in per_dp.values()]
-        values.append(float(self.stop_signal is not None))
-        t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device) for v in values])
+        def on_device(v):  # a loss tensor stays on the device; a number is filled in there (no copy)
+            if isinstance(v, torch.Tensor):
+                return v.to(self.device, torch.float64).reshape(())
+            return torch.full((), float(v), dtype=torch.float64, device=self.device)
+        counts = [v if dp_speaker else 0.0 for v in per_dp.values()] + [float(self.stop_signal is not None)]
+        t = torch.cat([torch.stack([on_device(v if loss_speaker else 0.0) for v in losses.values()]),
+                       to_device(torch.tensor(counts, dtype=torch.float64), self.device)])  # one host copy
         if d.distributed:
             dist.all_reduce(t)
-        out = dict(zip([*losses, *per_dp, "stop"], t.tolist()))
+        out = dict(zip([*losses, *per_dp, "stop"], t.tolist()))  # the step's one wait for the device
         if out.pop("stop") and self.stop_signal is None:
             self.stop_signal = "a stop signal on another rank"
         return out
@@ -251,6 +296,8 @@ class Trainer:
              "samples": stats["samples"], "layout": self.dims.describe()}
         if "sample_ids" in stats:
             m["sample_ids"] = stats["sample_ids"]
+        if self.cfg.model.compile:  # graphs compiled so far: it grows on a recompile (TORCH_LOGS=recompiles says why)
+            m["compiled_graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         per_device = totals["model_flops"] / dt / self.dims.world_size
         m["model_tflops_per_s_per_device"] = per_device / 1e12
         if self.device.type == "cuda":
@@ -263,11 +310,11 @@ class Trainer:
     # The loop
     # ------------------------------------------------------------------------------------------------------
 
-    def save(self) -> Path:
+    def save(self, final: bool = False) -> Path:
         data = {"samples_seen": self.batches.samples_consumed(self.step), "data_state": self.batches.state(self.step)}
         data.update(bad_samples=self.bad_samples, skipped_steps=self.skipped_steps)
         return self.checkpointer.save(self.step, {"tokens_seen": self.tokens_seen, **data},
-                                      {"scheduler": self.engine.scheduler.state_dict()})
+                                      {"scheduler": self.engine.scheduler.state_dict()}, final)
 
     def restore(self) -> None:
         meta, _ = self.checkpointer.load()
@@ -304,9 +351,9 @@ class Trainer:
             signal.signal(sig, handler)
         if self.bad_streak:
             self._stop_non_finite(bar, previous)
-        saved = self.save()
+        saved = self.save(final=True)
         if self.stop_signal is None:
-            if self.is_main:
+            if self.is_main and has_full(saved):  # checkpoint.full_copy=never: no full weights to sample
                 self.log_samples(saved)
         elif self.is_main:
             print(f"stopped by {self.stop_signal} after step {self.step}; saved {saved}", file=sys.stderr)
@@ -345,13 +392,16 @@ class Trainer:
         ema = ema.to(self.device)
         dataset = self.batches.dataset
         picks = [dataset[i] for i in range(min(n, len(dataset)))]
-        shapes = [tuple(s.video.shape[1:]) for s in picks]
-        if self.vae is not None:
-            shapes = [latent_shape(shape, (self.vae.time_factor, self.vae.space_factor)) for shape in shapes]
+        vae = self.vae if self.vae is not None or self.cfg.model.vae is None else load_vae(self.cfg.model.vae,
+                                                                                           self.device)
+        shapes = [tuple(s.video.shape[1:]) for s in picks]  # cached samples: latent shapes already
+        if vae is not None:
+            shapes = [shape if s.latent else latent_shape(shape, (vae.time_factor, vae.space_factor))
+                      for s, shape in zip(picks, shapes)]
         videos = sample_videos(ema, self.text_encoder, [s.caption for s in picks], shapes, self.cfg.model,
                                self.cfg.diffusion, seed=self.cfg.run.seed, fps=picks[0].fps)
-        if self.vae is not None:
-            videos = [self.vae.decode(v[None].to(self.device), tiled=True)[0].cpu() for v in videos]
+        if vae is not None:  # latents -> pixels
+            videos = [vae.decode(v[None].to(self.device), tiled=True)[0].cpu() for v in videos]
         for i, (s, v) in enumerate(zip(picks, videos)):
             frames = to_uint8(v)
             self.logger.video(f"samples/{i}: {s.caption}", frames, self.step)

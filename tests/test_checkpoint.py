@@ -1,7 +1,12 @@
 """Sharded checkpoints: resume is bit-exact on the same layout and continues the same curve on another one; a
-kill while writing leaves the previous checkpoint; bad or incomplete checkpoints fail naming what is wrong.
+kill while writing leaves the previous checkpoint; bad or incomplete checkpoints fail naming what is wrong;
+`stdit ckpt convert` rebuilds the layout-free copy bit for bit.
 
-Parallel runs use torchrun with gloo on CPU. Each layout trains 4 steps straight, and 2 steps then resumes to 4."""
+Parallel runs use torchrun with gloo on CPU. Each saving layout trains one 3-step run (module fixture) with a
+checkpoint at step 2 and checkpoint.full_copy=last: step 2 holds engine shards only, step 3 (the run's last) also
+full/. Tests copy its step-2 checkpoint and resume from it to step 3."""
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -15,6 +20,7 @@ import torch
 from conftest import free_port, start_srun_style
 
 from parallel import checkpoint
+from stdit.cli import main as cli
 from stdit.config import DataConfig, load_config
 from stdit.data.loader import StepSampler
 from stdit.train import Trainer
@@ -26,20 +32,22 @@ FAST = ["model.hidden_size=32", "model.depth=2", "model.num_heads=4", "data.reso
 SAME_LAYOUT = {  # name: (processes, overrides)
     "tp2.dp2.zero2": (4, ["parallel.tp=2", "parallel.zero=2"]),
     "pp2.dp2.zero1": (4, ["parallel.pp=2", "parallel.zero=1"]),
-    "cp2.dp2.zero3": (4, ["parallel.cp=2", "parallel.zero=3"]),
+    "cp2.zero3": (2, ["parallel.cp=2", "parallel.zero=3"]),  # ZeRO-3 partitions over the dp x cp = 2 ranks
 }
-OTHER_LAYOUT = {"dp4.zero3": (4, ["parallel.zero=3"]), "pp2.tp2": (4, ["parallel.pp=2", "parallel.tp=2"]),
+OTHER_LAYOUT = {"dp2.zero3": (2, ["parallel.zero=3"]), "pp2.tp2": (4, ["parallel.pp=2", "parallel.tp=2"]),
                 "single": (1, [])}
 KINDS = ("model", "ema", "exp_avg", "exp_avg_sq")
+STEPS = 3
 
 
 def _train(run_dir, nproc: int, layout: list[str], steps: int, *extra: str):
     args = ["recipes/tiny.yaml", *FAST, f"run.dir={run_dir}", f"run.steps={steps}", *layout, *extra]
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "stdit.train", *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-               f"--master-port={free_port()}", "-m", "stdit.train", *args]
+    if nproc == 1:  # in this process: no interpreter and imports to start
+        with contextlib.redirect_stderr(io.StringIO()) as err:
+            Trainer(load_config(args[0], args[1:])).train()
+        return subprocess.CompletedProcess(args, 0, "", err.getvalue())
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
+           "-m", "stdit.train", *args]
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
                          timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -55,58 +63,126 @@ def _full(ckpt) -> dict[str, dict[str, torch.Tensor]]:
     return {kind: full.state_dict(kind) for kind in KINDS}
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """Per saving layout: a straight 4-step run and a 2-step run (its step-2 checkpoint is copied by tests)."""
-    cache = {}
-
-    def get(name: str, steps: int):
-        if (name, steps) not in cache:
-            nproc, layout = SAME_LAYOUT[name]
-            run = tmp_path_factory.mktemp(f"{name}-{steps}")
-            _train(run, nproc, layout, steps, "checkpoint.every=0")
-            cache[name, steps] = run
-        return cache[name, steps]
-    return get
-
-
-def _copy_half(runs, name, dest):
-    shutil.copytree(runs(name, 2) / "checkpoints", dest / "checkpoints")
-    return dest
-
-
-@pytest.mark.parametrize("name", list(SAME_LAYOUT))
-def test_resume_on_the_same_layout_is_bit_exact(runs, name, tmp_path):
-    nproc, layout = SAME_LAYOUT[name]
-    straight, resumed = runs(name, 4), _copy_half(runs, name, tmp_path)
-    out = _train(resumed, nproc, layout, 4)
-    assert "resumed from" in out.stderr and "(same layout)" in out.stderr
-    assert _losses(resumed) == {s: v for s, v in _losses(straight).items() if s > 2}
-    a, b = _full(straight / "checkpoints/step_00000004"), _full(resumed / "checkpoints/step_00000004")
+def _assert_same_full(a_ckpt, b_ckpt) -> None:
+    a, b = _full(a_ckpt), _full(b_ckpt)
     for kind in KINDS:
         assert a[kind].keys() == b[kind].keys()
         for k in a[kind]:
             assert torch.equal(a[kind][k], b[kind][k]), f"{kind}/{k}"
 
 
-@pytest.mark.parametrize("saved,target", [("tp2.dp2.zero2", "dp4.zero3"), ("tp2.dp2.zero2", "pp2.tp2"),
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Per saving layout, one 3-step run: step_2 (periodic: no full/) and step_3 (the last: with full/)."""
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            nproc, layout = SAME_LAYOUT[name]
+            run = tmp_path_factory.mktemp(name)
+            _train(run, nproc, layout, STEPS, "checkpoint.every=2", "checkpoint.full_copy=last")
+            cache[name] = run
+        return cache[name]
+    return get
+
+
+def _copy_half(runs, name, dest):
+    """The run's step-2 checkpoint alone, as a run stopped there would have left it."""
+    shutil.copytree(runs(name) / "checkpoints/step_00000002", dest / "checkpoints/step_00000002")
+    (dest / "checkpoints/latest").write_text("step_00000002\n")
+    return dest
+
+
+def _without_full(ckpt, dest):
+    """A copy of a checkpoint as checkpoint.full_copy=never writes it: no full/, and none in the manifest."""
+    shutil.copytree(ckpt, dest)
+    shutil.rmtree(dest / "full")
+    raw = json.loads((dest / "manifest.json").read_text())
+    raw["files"] = {k: v for k, v in raw["files"].items() if not k.startswith("full/")}
+    (dest / "manifest.json").write_text(json.dumps(raw))
+    return dest
+
+
+@pytest.mark.parametrize("name", list(SAME_LAYOUT))
+def test_resume_on_the_same_layout_is_bit_exact(runs, name, tmp_path):
+    """From the step-2 checkpoint, which holds no layout-free copy: the engine and EMA shards alone restore the
+    run; every loss and the last checkpoint's tensors are bit-identical to the run that went straight through."""
+    nproc, layout = SAME_LAYOUT[name]
+    straight, resumed = runs(name), _copy_half(runs, name, tmp_path)
+    assert not checkpoint.has_full(resumed / "checkpoints/step_00000002")
+    assert checkpoint.has_full(straight / "checkpoints/step_00000003")
+    out = _train(resumed, nproc, layout, STEPS, "checkpoint.full_copy=last")
+    assert "resumed from" in out.stderr and "(same layout)" in out.stderr
+    assert _losses(resumed) == {s: v for s, v in _losses(straight).items() if s > 2}
+    _assert_same_full(straight / "checkpoints/step_00000003", resumed / "checkpoints/step_00000003")
+
+
+@pytest.mark.parametrize("name", list(SAME_LAYOUT))
+def test_convert_rebuilds_the_layout_free_copy_bit_exactly(runs, name, tmp_path, capsys):
+    """The last checkpoint as full_copy=never writes it: `stdit ckpt info` says what is missing, export and a
+    resume on another layout name the command that builds it, and `stdit ckpt convert` (offline, this process)
+    rebuilds every tensor of full/ bit for bit from the TP shards, pipeline stages and ZeRO-1/2/3 partitions."""
+    ckpt = runs(name) / "checkpoints/step_00000003"
+    never = _without_full(ckpt, tmp_path / "run/checkpoints/step_00000003")
+    (tmp_path / "run/checkpoints/latest").write_text("step_00000003\n")
+    cli(["ckpt", "info", str(never)])
+    assert f"full/        none (checkpoint.full_copy=last or never): resume on its layout only; `stdit ckpt " \
+           f"convert {never}` builds it" in capsys.readouterr().out
+    for argv in (["ckpt", "export", str(never), str(tmp_path / "exp")],
+                 ["train", "recipes/tiny.yaml", *FAST, f"run.dir={tmp_path / 'run'}", "run.steps=4"]):
+        with pytest.raises(SystemExit):
+            cli(argv)
+        err = capsys.readouterr().err
+        assert f"run `stdit ckpt convert {never}`" in err or f"build it with `stdit ckpt convert {never}`" in err, err
+        assert "Traceback" not in err and len([x for x in err.splitlines() if ": error: " in x]) == 1
+    cli(["ckpt", "convert", str(never)])
+    assert f"wrote {never}/full/" in capsys.readouterr().out
+    checkpoint.verify(never)  # the manifest lists full/ with its checksums
+    _assert_same_full(ckpt, never)
+    with pytest.raises(SystemExit):
+        cli(["ckpt", "convert", str(never)])
+    assert "already holds the layout-free copy full/" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("saved,target", [("tp2.dp2.zero2", "dp2.zero3"), ("tp2.dp2.zero2", "pp2.tp2"),
                                           ("pp2.dp2.zero1", "single")])
 def test_resume_on_another_layout_continues_the_curve(runs, saved, target, tmp_path):
+    """From the step-2 checkpoint once `stdit ckpt convert` has built its full/; the new layout's own last
+    checkpoint converts bit-exactly too (no ZeRO with TP and a pipeline: module files per layer)."""
     nproc, layout = OTHER_LAYOUT[target]
-    straight, resumed = runs(saved, 4), _copy_half(runs, saved, tmp_path)
-    out = _train(resumed, nproc, layout, 4)
-    assert f"re-laid out from {checkpoint.read_meta(resumed / 'checkpoints/step_00000002')['layout']}" in out.stderr
+    straight, resumed = runs(saved), _copy_half(runs, saved, tmp_path)
+    half = resumed / "checkpoints/step_00000002"
+    cli(["ckpt", "convert", str(half)])
+    out = _train(resumed, nproc, layout, STEPS)
+    assert f"re-laid out from {checkpoint.read_meta(half)['layout']}" in out.stderr
     ref, got = _losses(straight), _losses(resumed)
-    assert sorted(got) == [3, 4]
+    assert sorted(got) == [3]
     for step in got:
         assert abs(got[step] - ref[step]) <= 1e-4 * abs(ref[step]), (got, ref)
-    a, b = _full(straight / "checkpoints/step_00000004"), _full(resumed / "checkpoints/step_00000004")
+    a, b = _full(straight / "checkpoints/step_00000003"), _full(resumed / "checkpoints/step_00000003")
     for kind in KINDS:
         for k in a[kind]:
             torch.testing.assert_close(b[kind][k], a[kind][k], rtol=1e-4, atol=1e-6, msg=lambda m: f"{kind}/{k}: {m}")
     # the new layout's own checkpoint resumes bit-exactly on it (its RNG, engine and EMA shards are its own)
-    assert (checkpoint.read_meta(resumed / "checkpoints/step_00000004")["layout"]
-            != checkpoint.read_meta(resumed / "checkpoints/step_00000002")["layout"])
+    last = resumed / "checkpoints/step_00000003"
+    assert checkpoint.read_meta(last)["layout"] != checkpoint.read_meta(half)["layout"]
+    if nproc > 1:
+        never = _without_full(last, tmp_path / "never")
+        cli(["ckpt", "convert", str(never)])
+        _assert_same_full(last, never)
+
+
+def test_checkpoint_size_estimate_matches_the_files(runs):
+    """The disk-space check's estimate (before writing: the tensors' bytes) against the files a 4-process TP + ZeRO-2
+    run wrote, with and without full/ (the rest: file headers, RNG and JSON files)."""
+    for step, full in ((2, False), (3, True)):
+        ckpt = runs("tp2.dp2.zero2") / f"checkpoints/step_{step:08d}"
+        size = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
+        params = sum(torch.Size(s).numel() for s in checkpoint.read_meta(ckpt)["params"].values())
+        stored = sum(t.numel() for f in (ckpt / "ema").iterdir() for t in checkpoint.read_tensors(f).values())
+        assert stored > params  # TP-replicated tensors (norms, biases) are held by both tensor ranks
+        estimate = sum(checkpoint.checkpoint_bytes(params, True, full, 4, 2, stored).values())
+        assert 0.85 * size <= estimate <= size, (step, size, estimate)
 
 
 def _cfg(run_dir, *extra):
@@ -206,8 +282,10 @@ def test_data_position_carries_over_in_samples():
 
 
 def test_sigterm_on_one_rank_checkpoints_every_rank_and_exits_zero(tmp_path):
-    """Two srun-style tasks (tp=2); SIGTERM reaches one: both finish the step, save it together and exit 0."""
-    args = ["recipes/tiny.yaml", *FAST, f"run.dir={tmp_path}", "run.steps=100000", "parallel.tp=2"]
+    """Two srun-style tasks (tp=2); SIGTERM reaches one: both finish the step, save it together and exit 0. With
+    checkpoint.full_copy=last that checkpoint (a preemption's: the run may come back on another layout) has full/."""
+    args = ["recipes/tiny.yaml", *FAST, f"run.dir={tmp_path}", "run.steps=100000", "parallel.tp=2",
+            "checkpoint.full_copy=last"]
     procs = start_srun_style(args, stdout=subprocess.DEVNULL)
     metrics, deadline = tmp_path / "metrics.jsonl", time.time() + 300
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
@@ -218,4 +296,5 @@ def test_sigterm_on_one_rank_checkpoints_every_rank_and_exits_zero(tmp_path):
     last = json.loads(metrics.read_text().splitlines()[-1])["step"]
     ckpt = checkpoint.latest(tmp_path)
     assert ckpt.name == f"step_{last:08d}" and checkpoint.read_meta(ckpt)["layout"] == "tp2.pp1.cp1.dp1.zero0"
+    assert checkpoint.has_full(ckpt)
     assert "stopped by" in errs[0]

@@ -108,11 +108,15 @@ def test_zero_init_predicts_zero_and_blocks_are_identity():
     assert all(torch.count_nonzero(o) == 0 for o in out.values())
 
 
-@pytest.mark.parametrize("attention,causal", [("factorized", False), ("factorized", True), ("full", False)])
-def test_frame_time_positions(attention, causal):
+@pytest.mark.parametrize("attention,causal,extra", [
+    ("factorized", False, {}), ("factorized", True, {}), ("full", False, {}),
+    ("factorized", False, {"rope_axes": "per_attention", "pos_embed": "sincos", "rope_theta": 100.0,
+                           "time_embed": "relative"})])
+def test_frame_time_positions(attention, causal, extra):
     """A sample is any subset of a longer video's frames, carrying its time indices: shifting them all by a
-    constant changes nothing (RoPE is relative), but other gaps between the same frames change the output."""
-    model = randomize(STDiT(tiny_model_cfg(attention=attention, temporal_causal=causal), TEXT_DIM)).double()
+    constant changes nothing (RoPE is relative; the absolute embedding is spatial only), but other gaps between
+    the same frames change the output."""
+    model = randomize(STDiT(tiny_model_cfg(attention=attention, temporal_causal=causal, **extra), TEXT_DIM)).double()
     videos, texts, t, fps = _inputs()
     vs, ts = [videos[0], videos[2]], [texts[0], texts[2]]  # 3 and 4 frames
 

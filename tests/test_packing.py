@@ -62,6 +62,10 @@ def test_segments_describe_frames_positions_and_videos():
     # frames: per-token frame ids agree with coordinates and samples
     assert torch.equal(b.frame_sample[b.token_frame], b.token_sample)
     assert b.frame_sample.tolist() == [0] * 3 + [1] + [2] * 5 + [3] * 2 + [4]
+    # each frame's time counted from its sample's first frame (0 for the padding frame)
+    assert b.frame_time.tolist() == [0, 1, 2, 0, 0, 1, 2, 3, 4, 0, 1, 0]
+    sub = pack(videos, _texts(4), [8] * 4, PATCH, 200, times=[torch.tensor([5, 9, 10]), None, None, None])
+    assert sub.frame_time.tolist()[:3] == [0, 4, 5] and sub.coords[0, 0] == 5
 
 
 def test_conditioning_frames_leave_the_loss():

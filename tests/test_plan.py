@@ -140,8 +140,7 @@ def expected_memory(cfg, lay: ParallelDims, outside_params: int) -> float:
     per_tok, per_text = {"none": (none_tok, none_text), "selective": (19 + (2 * 8 + 3 + 2 * r) / lay.tp, none_text),
                          "full": (1, 0)}[m.activation_checkpointing]
     tokens = cfg.data.token_budget / lay.cp
-    grids = [(t, hh // 2, ww // 2) for t in cfg.data.frame_counts for hh, ww in cfg.data.resolutions]
-    mean = sum(math.prod(g) for g in grids) / len(grids)
+    mean = sum(math.prod(g) for g in latent_grids(cfg)) / len(latent_grids(cfg))
     text = max(1.0, cfg.data.token_budget / mean) * cfg.text.max_length / lay.cp
     act = lay.pp * blocks * (per_tok * tokens + per_text * text) * h * 2
     act += 5 * tokens * h * 2 + tokens * (h // m.num_heads + 2 * m.num_heads / lay.tp) * 4
@@ -150,24 +149,54 @@ def expected_memory(cfg, lay: ParallelDims, outside_params: int) -> float:
     return state + act
 
 
+def latent_grids(cfg) -> list[tuple[int, int, int]]:
+    """Token grids of the recipe's pixel buckets: the 4x temporal, 8x8 spatial autoencoder, then 1x2x2 patches."""
+    return [((t - 1) // 4 + 1, hh // 16, ww // 16) for t in cfg.data.frame_counts for hh, ww in cfg.data.resolutions]
+
+
+T5_XXL_ENCODER = 4_762_310_656  # google/t5-v1_1-xxl's encoder: 24 gated-GELU layers of width 4096, 32128 tokens
+
+
+@pytest.fixture(scope="module")
+def encoders(tmp_path_factory):
+    """What `stdit plan` reads of the scale recipes' required encoders: T5 v1.1 XXL's config.json (its published
+    values) and an autoencoder's config.yaml (recipes/vae/model/B.yaml); no weights."""
+    import transformers as tf
+    from omegaconf import OmegaConf
+    root = tmp_path_factory.mktemp("encoders")
+    tf.T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                feed_forward_proj="gated-gelu", tie_word_embeddings=False).save_pretrained(root / "t5-v1_1-xxl")
+    (root / "vae").mkdir()
+    vae = OmegaConf.merge(OmegaConf.load("recipes/vae/model/B.yaml"), {"run": {"stage": "vae"}})
+    (root / "vae" / "config.yaml").write_text(OmegaConf.to_yaml(vae))
+    return [f"text.path={root / 't5-v1_1-xxl'}", f"model.vae={root / 'vae'}"]
+
+
 @pytest.mark.parametrize("recipe, gpus", [("XL", 64), ("7B", 64), ("30B", 128)])
-def test_scale_recipes_plan_by_the_formulas(recipe, gpus, capsys):
+def test_scale_recipes_plan_by_the_formulas(recipe, gpus, encoders, capsys):
     path = f"recipes/scale/{recipe}.yaml"
-    cfg = load_config(path)
+    cfg = load_config(path, encoders)
     m = cfg.model
-    got = plan_json(capsys, path, "--gpus", str(gpus), "--gpu-mem", "80", "--suggest")
-    text_dim = cfg.text.hidden_size
+    got = plan_json(capsys, path, *encoders, "--gpus", str(gpus), "--gpu-mem", "80", "--suggest")
+    text_dim = 4096
     block, outside = stdit_params(m.hidden_size, m.depth, m.num_heads, m.mlp_ratio, 16, text_dim)
     assert got["params"] == m.depth * block + outside
+    # the real encoders: T5-XXL's encoder and the autoencoder, counted but not on the GPU (cached latents)
+    from stdit.config import vae_config_of
+    from stdit.models.vae import VideoVAE
+    with torch.device("meta"):
+        vae = sum(p.numel() for p in VideoVAE(vae_config_of(cfg.model.vae)).parameters())
+    assert got["frozen_params"] == T5_XXL_ENCODER + vae and got["frozen_on_gpu_params"] == 0
+    assert got["memory"]["frozen encoders"] == 0
     # FLOPs: 3x the forward (checked against counted matmuls in test_flops) over the recipe's shapes, per step
-    grids = [(t, hh // 2, ww // 2) for t in cfg.data.frame_counts for hh, ww in cfg.data.resolutions]
+    grids = latent_grids(cfg)
     tokens = [math.prod(g) for g in grids]
     fwd = sum(forward_flops(m, text_dim, [g], [cfg.text.max_length]) for g in grids)
     assert got["flops"]["per_token"] == pytest.approx(3 * fwd / sum(tokens), rel=1e-9)
     d = cfg.data  # a step is micro_batches x token_budget tokens where set (padding counted), else batch_size clips
     step_tokens = d.micro_batches * d.token_budget if d.micro_batches else d.batch_size * sum(tokens) / len(grids)
     assert got["flops"]["per_step"] == pytest.approx(3 * fwd / sum(tokens) * step_tokens, rel=1e-9)
-    frozen = 4 * got["frozen_params"]
+    frozen = 0  # cached latents: no encoder on the GPU
     # the recipe's own layout, part by part, then every suggested layout's total
     p = cfg.parallel
     lay = ParallelDims(gpus, p.tp, p.pp, p.cp, p.zero)
@@ -183,8 +212,9 @@ def test_scale_recipes_plan_by_the_formulas(recipe, gpus, capsys):
         assert s["total"] <= HEADROOM * 80 * GIB
 
 
-def test_plan_prints_a_readable_report_and_refuses_bad_input(capsys):
-    code, out, err = stdit_plan(capsys, "recipes/scale/XL.yaml", "--gpus", "16", "--gpu-mem", "80", "--suggest")
+def test_plan_prints_a_readable_report_and_refuses_bad_input(encoders, capsys):
+    code, out, err = stdit_plan(capsys, "recipes/scale/XL.yaml", *encoders, "--gpus", "16", "--gpu-mem", "80",
+                                "--suggest")
     assert code == 0, err
     for words in ("parameters", "model FLOPs", "memory per GPU:", "optimizer", "activations", "fits in 80 GiB",
                   "layouts of 16 GPUs that fit in 80 GiB", "parallel.tp=1 parallel.pp=1 parallel.cp=1 parallel.zero=1"):
@@ -192,8 +222,10 @@ def test_plan_prints_a_readable_report_and_refuses_bad_input(capsys):
     for args, message in ((["--gpus", "6"], "does not divide the world size 6"),
                           (["--gpus", "8", "--suggest"], "--gpu-mem"),
                           (["--gpus", "8", "model.activation_checkpointing=some"], "model.activation_checkpointing")):
-        code, out, err = stdit_plan(capsys, "recipes/scale/7B.yaml", *args)
+        code, out, err = stdit_plan(capsys, "recipes/scale/7B.yaml", *encoders, *args)
         assert code == 2 and message in err, err
+    code, out, err = stdit_plan(capsys, "recipes/scale/7B.yaml", "--gpus", "8")  # the encoders are required
+    assert code == 2 and "text.path and model.vae: data.cached=true" in err, err
 
 
 def test_suggest_skips_layouts_the_trainer_refuses(capsys):

@@ -458,3 +458,70 @@ def test_a_parameter_that_never_had_a_gradient_is_checkpointed_and_resumed(tmp_p
     assert torch.equal(full["unused"], torch.zeros(3))
     Trainer(_cfg(tmp_path, "run.steps=3")).train()  # resumes through it
     assert sorted(_losses(tmp_path)) == [1, 2, 3]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 6. Disk full, generation memory
+# --------------------------------------------------------------------------------------------------------------
+
+def _disk(free: int):
+    return lambda path: shutil._ntuple_diskusage(10 ** 15, 10 ** 15 - free, free)
+
+
+def test_a_checkpoint_that_does_not_fit_the_disk_is_refused_before_writing(run4, tmp_path, capsys, monkeypatch):
+    run = _copy(run4, tmp_path / "run")
+    root = run / "checkpoints"
+    before = {p.name: checkpoint.read_manifest(p) for p in root.glob("step_*")}
+    size = sum(f.stat().st_size for f in (root / "step_00000004").rglob("*") if f.is_file())
+    params = sum(torch.Size(s).numel() for s in checkpoint.read_meta(root / "step_00000004")["params"].values())
+    estimate = sum(checkpoint.checkpoint_bytes(params, False, True, 4, 0).values())
+    assert 0.9 * size <= estimate <= size  # the tensors: all but the headers, RNG and JSON files
+    monkeypatch.setattr(shutil, "disk_usage", _disk(estimate - 1))
+    line = _error(capsys, _args(run, "run.steps=6", "checkpoint.keep=3"))
+    assert f"not enough disk space for checkpoint step_00000006 in {run}: it needs about {estimate:,} bytes" in line
+    assert f"{estimate - 1:,} are free; nothing was written or removed" in line
+    assert "lower checkpoint.keep (now 3" in line and "checkpoint.full_copy does not apply to one process" in line
+    assert {p.name: checkpoint.read_manifest(p) for p in root.glob("step_*")} == before
+    assert checkpoint.latest(run) == root / "step_00000004" and not list(root.glob(".tmp-*"))
+    monkeypatch.setattr(shutil, "disk_usage", _disk(estimate))  # exactly enough
+    cli(_args(run, "run.steps=6", "checkpoint.keep=3"))
+    assert checkpoint.latest(run) == root / "step_00000006"
+
+
+def test_a_disk_that_fills_up_while_writing_leaves_the_previous_checkpoint(run4, tmp_path, capsys, monkeypatch):
+    import errno
+    run = _copy(run4, tmp_path / "run")
+    root = run / "checkpoints"
+    write, written = safe_io._HashingWriter.write, [0]
+
+    def full_disk(self, data):  # the disk fills up 1000 bytes into the new checkpoint
+        written[0] += memoryview(data).nbytes
+        if written[0] > 1000:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write(self, data)
+    monkeypatch.setattr(safe_io._HashingWriter, "write", full_disk)
+    line = _error(capsys, _args(run, "run.steps=5"))
+    assert f"the disk filled up while writing checkpoint step_00000005 in {run} ([Errno 28] No space left" in line
+    assert "`latest` still names the previous complete checkpoint" in line and "checkpoint.full_copy" in line
+    assert checkpoint.latest(run) == root / "step_00000004" and not list(root.glob(".tmp-*"))
+    checkpoint.verify(root / "step_00000004")
+    monkeypatch.setattr(safe_io._HashingWriter, "write", write)
+    Trainer(_cfg(run, "run.steps=5")).train()  # space again: resumes from step 4
+    assert checkpoint.latest(run) == root / "step_00000005"
+
+
+def test_generation_refuses_what_will_not_fit_in_memory_before_sampling(run4, tmp_path, capsys, monkeypatch):
+    from stdit import estimate
+    from stdit.generate import check_memory
+    base = ["generate", "--run", str(run4), "--prompt", "a red square", "--out", str(tmp_path / "x.mp4")]
+    line = _error(capsys, [*base, "--frames", "2000", "--height", "2048", "--width", "2048"])
+    assert "sampling 2000x2048x2048 (frames x height x width, 4,194,304,000 tokens per model call with guidance) " \
+           "needs about" in line and "lower --frames, --height, --width or --upscale" in line
+    line = _error(capsys, [*base, "--length", "100000", "--height", "2048", "--width", "2048"])
+    assert "lower --length, --height, --width or --upscale" in line
+    demo = load_config("recipes/tiny.yaml", [])
+    check_memory(demo, (8, 24, 24), "cpu", upscale=4)  # the README's demo request
+    check_memory(demo, (16, 256, 256), "cpu", upscale=4)
+    monkeypatch.setattr(estimate, "available_bytes", lambda device: (10 ** 6, 10 ** 6))  # 1 MB free
+    with pytest.raises(ValueError, match=r"sampling 8x24x24 .* needs about .* but cpu has 0.000931 GiB free"):
+        check_memory(demo, (8, 24, 24), "cpu", upscale=4)

@@ -5,6 +5,7 @@ results tables."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from stdit.eval_report import markdown
 from stdit.evaluate import DEFAULT_MODES, LONG_FACTORS, MODES, evaluate, expand_modes
@@ -32,6 +33,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch", type=int, default=8, help="clips per sampling call (short modes)")
     ap.add_argument("--weights", choices=["ema", "model"], default="ema")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--expand-prompt", metavar="MODEL", help="also run each short mode on its captions rewritten "
+                    "by this local instruct model (mode NAME+expanded), to compare short and expanded prompts")
     args = ap.parse_args(argv)
     try:
         modes = expand_modes([m.strip() for m in args.modes.split(",") if m.strip()])
@@ -47,10 +50,13 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error("--n, --long-n and --batch must be >= 1")
     if not 0.0 < args.strength <= 1.0:
         ap.error(f"--strength must be in (0, 1], got {args.strength}")
+    if args.expand_prompt and not (Path(args.expand_prompt) / "config.json").is_file():
+        ap.error(f"--expand-prompt {args.expand_prompt}: not a local transformers model folder (no config.json)")
     try:
         results = evaluate(args.run, args.out, n=args.n, modes=modes, seed=args.seed, steps=args.steps,
                            cfg_scale=args.cfg_scale, device=args.device, weights=args.weights, batch=args.batch,
-                           progress=True, long_n=args.long_n, long_factors=factors, strength=args.strength)
+                           progress=True, long_n=args.long_n, long_factors=factors, strength=args.strength,
+                           expand_prompt=args.expand_prompt)
     except ValueError as e:
         ap.error(str(e))
     print(markdown(results), end="")

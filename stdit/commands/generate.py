@@ -4,12 +4,14 @@ an FDM schedule (stdit/longvideo.py); stdit/generate.py does the work."""
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from tqdm import tqdm
 
+from stdit.config import clip_shapes
 from stdit.data.video import IMAGE_SUFFIXES, to_uint8, write_video
-from stdit.generate import generate, load_for_generation, read_clip
+from stdit.generate import check_memory, generate, load_for_generation, read_clip
 from stdit.grid import latent_shape, token_grid
 from stdit.longvideo import SCHEMES, describe, generate_long, schedule
 
@@ -30,6 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--upscale", type=int, default=4, help="nearest-neighbour upscaling of the written video")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", required=True, help="output file: .mp4 (H.264 via PyAV), .gif, or .png/.jpg (1 frame)")
+    ap.add_argument("--expand-prompt", metavar="MODEL", help="rewrite each --prompt in the style of the run's "
+                    "training captions with this local instruct model first (stdit/prompt.py); the prompts are "
+                    "printed and kept beside the output as OUT.prompt.json")
     g = ap.add_argument_group("modes (at most one; none: text-to-video, or text-to-image with --frames 1)")
     g.add_argument("--condition", metavar="FILE", help="image-to-video / continuation: the first --cond-frames "
                    "frames of an image or video start the output")
@@ -80,6 +85,7 @@ def main(argv: list[str] | None = None) -> Path:
     args = ap.parse_args(argv)
     _checked(args, ap)
     mode = _mode(args, ap)
+    expanded = _expand(args, ap) if args.expand_prompt else None
     model, text_encoder, cfg = load_for_generation(args.run, args.device, args.weights)
     shape, vae, factors = (args.frames, args.height, args.width), None, (1, 1)
     if cfg.model.vae is not None:  # the DiT denoises latents: sample the latent shape, then decode
@@ -87,11 +93,15 @@ def main(argv: list[str] | None = None) -> Path:
         vae = load_vae(cfg.model.vae, next(model.parameters()).device)
         factors = (vae.time_factor, vae.space_factor)
     if mode == "long":
-        return _long(args, ap, model, text_encoder, cfg, vae, factors)
+        return _keep_prompts(_long(args, ap, model, text_encoder, cfg, vae, factors), expanded, args.dry_run)
     try:
         token_grid(shape, cfg.model.patch_size, factors)
     except ValueError as e:
         ap.error(f"--frames/--height/--width: {e}")
+    try:  # before any sampling: a request that cannot fit is refused, naming what to lower
+        check_memory(cfg, shape, next(model.parameters()).device, factors, args.upscale, args.cfg_scale)
+    except ValueError as e:
+        ap.error(str(e))
     hw = (args.height, args.width)
     try:
         inputs = _inputs(args, mode, hw)
@@ -104,6 +114,35 @@ def main(argv: list[str] | None = None) -> Path:
     except ValueError as e:
         ap.error(str(e))
     print(f"wrote {out} ({mode}, {args.frames} frames, {args.height}x{args.width}, x{args.upscale} upscaled)")
+    return _keep_prompts(out, expanded)
+
+
+def _expand(args, ap) -> list[dict]:
+    """--expand-prompt: each --prompt rewritten in the style of the run's training captions (the model is freed
+    before the DiT loads); args.prompt becomes the expansions. Returns the records kept beside the output."""
+    from stdit.config import load_config
+    from stdit.generate import find_checkpoint
+    from stdit.prompt import PromptExpander, style_examples
+    cfg = load_config(find_checkpoint(Path(args.run)) / "config.yaml")
+    try:
+        expander = PromptExpander(args.expand_prompt, style_examples(cfg.data, seed=args.seed), args.device,
+                                  seed=args.seed)
+    except ValueError as e:
+        ap.error(str(e))
+    records = [expander.record(p, expander.expand(p)) for p in args.prompt]
+    expander.close()
+    for r in records:
+        print(f"expanded prompt: {r['expanded']}")
+    args.prompt = [r["expanded"] for r in records]
+    return records
+
+
+def _keep_prompts(out: Path, records: list[dict] | None, dry_run: bool = False) -> Path:
+    """With --expand-prompt, the prompts (short and expanded, model, settings, examples) as OUT.prompt.json."""
+    if records and not dry_run:
+        path = Path(out).with_suffix(".prompt.json")
+        path.write_text(json.dumps(records, indent=1))
+        print(f"wrote {path}")
     return out
 
 
@@ -137,9 +176,9 @@ def _inputs(args, mode: str, hw) -> dict:
 
 def _long(args, ap, model, text_encoder, cfg, vae, factors) -> Path:
     """--length N: a long video by an FDM schedule over the model's training window."""
-    window = max(latent_shape((t, factors[1], factors[1]), factors)[0] for t in cfg.data.frame_counts)
-    length = latent_shape((args.length, args.height, args.width), factors)
+    window = max(latent_shape((t, factors[1], factors[1]), factors)[0] for t, _, _ in clip_shapes(cfg.data))
     try:
+        length = latent_shape((args.length, args.height, args.width), factors)
         stages = schedule(args.scheme, length[0], window, args.context)
     except ValueError as e:
         ap.error(str(e))
@@ -147,6 +186,11 @@ def _long(args, ap, model, text_encoder, cfg, vae, factors) -> Path:
         print(f"{args.scheme}: {length[0]} frames in {len(stages)} stages of at most {window} frames")
         print(describe(stages, args.prompt, length[0]))
         return Path(args.out)
+    try:
+        check_memory(cfg, (args.length, args.height, args.width), next(model.parameters()).device, factors,
+                     args.upscale, args.cfg_scale, window, "--length, --height, --width")
+    except ValueError as e:
+        ap.error(str(e))
     with tqdm(total=len(stages), desc="stages", mininterval=1.0) as bar:
         try:
             video = generate_long(model, text_encoder, args.prompt, length[0], length[1:], window, args.scheme,

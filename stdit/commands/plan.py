@@ -30,7 +30,8 @@ def main(argv: list[str]) -> None:
     found = suggestions(estimator, args.gpus, args.gpu_mem) if args.suggest else []
     if args.json:
         mem = estimator.memory(layout)
-        print(json.dumps({"params": estimator.params, "frozen_params": estimator.frozen, "flops": estimator.flops,
+        print(json.dumps({"params": estimator.params, "frozen_params": estimator.frozen,
+                          "frozen_on_gpu_params": estimator.frozen_on_gpu, "flops": estimator.flops,
                           "layout": layout.describe(), "rank_params": mem["rank_params"], "memory": mem["parts"],
                           "total": mem["total"], "backend": mem["backend"],
                           "suggestions": [{"layout": lay.describe(), "total": b} for lay, b in found]}, indent=1))

@@ -11,10 +11,14 @@ from them with `data.source=shards data.shards=OUT/cache-*.tar data.cached=true`
 
 Resumable: a shard is written to a temporary name and renamed when complete; a rerun skips finished shards.
 Parallel: --workers processes take the source shards round robin, each on its own GPU when there are GPUs.
-OUT/cache.json records the autoencoder, the text encoder and the bucket settings; a rerun checks they match.
+OUT/cache.json records the autoencoder, the text encoder and the bucket settings, with a fingerprint of each
+encoder (its config and a hash of its weights, `fingerprints`); a rerun checks they match, and so does training
+(`check_fingerprints`): latents of another autoencoder or embeddings of another T5 are refused, not trained on.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -36,11 +40,72 @@ def _settings(vae: str, cfg) -> dict:
     d = cfg.data
     return {"vae": str(Path(vae).resolve()), "text_encoder": cfg.text.path, "text_kind": cfg.text.kind,
             "text_max_length": cfg.text.max_length, "resolutions": [list(r) for r in d.resolutions],
-            "frame_counts": list(d.frame_counts), "frame_stride": d.frame_stride, "target_fps": d.target_fps}
+            "frame_counts": list(d.frame_counts), "frame_stride": d.frame_stride, "target_fps": d.target_fps,
+            "buckets": [list(b) for b in d.buckets], "allow_upscale": d.allow_upscale,
+            "captions": str(Path(d.captions).resolve()) if d.captions else None}
 
 
 def _encoders(settings: dict, text_cfg, device: torch.device):
     return load_vae(settings["vae"], device), TextEncoder.from_config(text_cfg).to(device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fingerprints of the encoders a cache was made with
+# ----------------------------------------------------------------------------------------------------------
+
+SAMPLED = 4096  # values hashed per tensor
+
+
+def weights_hash(module: torch.nn.Module) -> str:
+    """sha256 of every tensor's name, shape, dtype and SAMPLED evenly spaced values: any two differently trained
+    (or seeded) models differ in it, and it costs milliseconds where hashing every byte of a T5-XXL (19 GB) would
+    take most of a minute on every process of a run."""
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        flat = t.detach().reshape(-1)
+        values = flat[::max(1, flat.numel() // SAMPLED)][:SAMPLED].float().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(values.numpy().tobytes())
+    return h.hexdigest()
+
+
+def fingerprints(vae, text_encoder) -> dict:
+    """What decides the cached tensors: the autoencoder's config, latent scaling and weights; the text encoder's
+    config, tokenizer, caption length and weights."""
+    config = {k: v for k, v in text_encoder.model.config.to_dict().items()
+              if k not in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures")}
+    tokenizer = text_encoder.tokenizer
+    found = {"vae_fingerprint": {"config": dataclasses.asdict(vae.cfg),
+                                 "latent_scaling": [vae.latent_mean.tolist(), vae.latent_std.tolist()],
+                                 "weights_sha256": weights_hash(vae)},
+             "text_fingerprint": {"config": config, "tokenizer": [type(tokenizer).__name__, len(tokenizer)],
+                                  "max_length": text_encoder.max_length,
+                                  "weights_sha256": weights_hash(text_encoder.model)}}
+    return json.loads(json.dumps(found, default=str))  # as cache.json holds it (lists, not tuples)
+
+
+def check_fingerprints(shards: list[str | Path], vae, text_encoder) -> None:
+    """The cache.json beside every cached shard must record the fingerprints of these encoders (model.vae, text.*);
+    otherwise one line saying which encoder differs, in what, and what the cache was made with."""
+    mine = fingerprints(vae, text_encoder)
+    for folder in sorted({Path(s).parent for s in shards}):
+        record = folder / "cache.json"
+        if not record.is_file():
+            raise ValueError(f"{folder} has no cache.json (written by `stdit data cache` beside its shards): keep it "
+                             "with the shards; training checks the text encoder and autoencoder against it")
+        settings = json.loads(record.read_text())["settings"]
+        for key, what, config_key in (("vae_fingerprint", "autoencoder", "model.vae"),
+                                      ("text_fingerprint", "text encoder", "text.path")):
+            made = settings.get(key)
+            if made is None:
+                raise ValueError(f"{folder} was cached before encoder fingerprints were recorded; cache the shards "
+                                 "again (`stdit data cache`) so training can check its encoders")
+            if made != mine[key]:
+                parts = sorted(k for k in mine[key] if made.get(k) != mine[key][k])
+                used = settings["vae" if key == "vae_fingerprint" else "text_encoder"]
+                raise ValueError(f"{folder} was cached with another {what} than {config_key} gives (differs in: "
+                                 f"{', '.join(parts)}); set {config_key}={used} as its cache.json records, or cache "
+                                 "again with this one")
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -54,7 +119,8 @@ def cache_shard(source: Path, out: Path, settings: dict, vae, text_encoder, prog
     """Encode one source shard into `out` (written as out.tmp, then renamed); returns counts and skips."""
     from safetensors.torch import save
     data = ShardDataset([str(source)], settings["resolutions"], settings["frame_counts"], settings["frame_stride"],
-                        settings["target_fps"])
+                        settings["target_fps"], settings.get("buckets"), settings.get("allow_upscale", False),
+                        settings.get("captions"))
     device = next(vae.parameters()).device
     tmp, written, skipped = out.with_suffix(".tar.tmp"), 0, []
     with tarfile.open(tmp, "w") as tar:
@@ -100,6 +166,8 @@ def cache(sources: list[str], out: str | Path, vae: str, cfg, workers: int = 1, 
     if len(set(names)) != len(names):
         raise ValueError("source shards must have distinct file names (one cache shard each)")
     settings = _settings(vae, cfg)
+    encoders = _encoders(settings, cfg.text, torch.device("cpu"))  # fingerprinted first: a rerun must match them
+    settings.update(fingerprints(*encoders))
     out.mkdir(parents=True, exist_ok=True)
     record = out / "cache.json"
     if record.exists():
@@ -118,10 +186,11 @@ def cache(sources: list[str], out: str | Path, vae: str, cfg, workers: int = 1, 
     device = resolve_device(device).type
     workers = max(1, min(workers, len(todo)))
     if workers == 1 and todo:
-        vae_m, text_m = _encoders(settings, cfg.text, torch.device(device if device == "cpu" else "cuda"))
+        vae_m, text_m = (e.to(device if device == "cpu" else "cuda") for e in encoders)
         for src, dst in todo:
             cache_shard(Path(src), Path(dst), settings, vae_m, text_m)
     elif todo:
+        del encoders  # each worker loads its own
         ctx = torch.multiprocessing.get_context("spawn")
         queue = ctx.Queue()
         procs = [ctx.Process(target=_worker, args=(r, workers, todo[r::workers], settings, cfg.text, device, queue))

@@ -3,9 +3,10 @@
 Each file is probed with PyAV (every frame decoded: frame count, fps, size, duration, codec); what cannot be read
 (corrupt, empty, no video stream, no caption) is skipped and reported, never fatal. Captions come from a `.txt`
 beside each file (same stem) or from a manifest (CSV with `path,caption` columns, or JSONL with those keys; paths
-relative to SRC). A shard holds the original file bytes under its extension, the caption (`txt`) and the probe
-(`json`); a new shard starts when `--shard-size` bytes are reached. OUT/summary.json lists what was written and
-what was skipped and why.
+relative to SRC); with `uncaptioned=True` (--uncaptioned) a file without one gets an empty caption, for
+`stdit data caption` to write. A shard holds the original file bytes under its extension, the caption (`txt`)
+and the probe (`json`); a new shard starts when `--shard-size` bytes are reached. OUT/summary.json lists what was
+written and what was skipped and why.
 """
 from __future__ import annotations
 
@@ -19,8 +20,10 @@ VIDEO_EXTS = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".gif")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 
 
-def find_items(src: Path, manifest: Path | None = None) -> tuple[list[tuple[Path, str]], list[tuple[str, str]]]:
-    """([(media file, caption)], [(file, why skipped)]) from a folder walk with .txt captions, or a manifest."""
+def find_items(src: Path, manifest: Path | None = None, uncaptioned: bool = False
+               ) -> tuple[list[tuple[Path, str]], list[tuple[str, str]]]:
+    """([(media file, caption)], [(file, why skipped)]) from a folder walk with .txt captions (with `uncaptioned`,
+    an empty caption where there is none), or a manifest."""
     items, skipped = [], []
     if manifest is not None:
         try:
@@ -48,8 +51,12 @@ def find_items(src: Path, manifest: Path | None = None) -> tuple[list[tuple[Path
         if path.suffix.lower() not in VIDEO_EXTS + IMAGE_EXTS:
             continue
         caption = path.with_suffix(".txt")
+        if not caption.is_file() and uncaptioned:
+            items.append((path, ""))
+            continue
         if not caption.is_file():
-            skipped.append((str(path), f"no caption: expected {caption.name} beside it (or pass --manifest)"))
+            skipped.append((str(path), f"no caption: expected {caption.name} beside it (or pass --manifest, or "
+                                       "--uncaptioned to caption it with `stdit data caption`)"))
             continue
         try:
             items.append((path, caption.read_bytes().decode("utf-8").strip()))
@@ -103,7 +110,7 @@ def probe(path: Path) -> dict:
 
 
 def shard(src: str | Path, out: str | Path, manifest: str | Path | None = None, shard_size: float = 1e9,
-          progress: bool = True) -> dict:
+          progress: bool = True, uncaptioned: bool = False) -> dict:
     """Write OUT/shard-%06d.tar and OUT/summary.json; return the summary."""
     import webdataset as wds
     src, out = Path(src), Path(out)
@@ -112,7 +119,7 @@ def shard(src: str | Path, out: str | Path, manifest: str | Path | None = None, 
     if out.exists() and any(out.glob("shard-*.tar")):
         raise FileExistsError(f"{out} already holds shards; choose another OUT or remove them")
     out.mkdir(parents=True, exist_ok=True)
-    items, skipped = find_items(src, Path(manifest) if manifest else None)
+    items, skipped = find_items(src, Path(manifest) if manifest else None, uncaptioned)
     written, key = [], 0
     with wds.ShardWriter(str(out / "shard-%06d.tar"), maxsize=shard_size, maxcount=10 ** 9, verbose=0) as sink:
         for path, caption in tqdm(items, desc="shard", disable=not progress, mininterval=1.0):

@@ -35,7 +35,8 @@ def build_dataset(data_cfg, seed: int):
         else:
             from stdit.data.shards import ShardDataset
             dataset = ShardDataset(data_cfg.shards, data_cfg.resolutions, data_cfg.frame_counts,
-                                   data_cfg.frame_stride, data_cfg.target_fps)
+                                   data_cfg.frame_stride, data_cfg.target_fps, data_cfg.buckets,
+                                   data_cfg.allow_upscale, data_cfg.captions)
         if len(dataset) < data_cfg.batch_size:
             raise ValueError(f"data.shards hold {len(dataset)} samples, fewer than data.batch_size="
                              f"{data_cfg.batch_size}")
@@ -184,7 +185,7 @@ class StepSampler:
         n = math.prod(self._grid(pos))
         if n > self.budget:
             raise ValueError(f"sample {self.id_at(pos)} has {n} tokens, more than data.token_budget={self.budget}; "
-                             "raise data.token_budget or lower data.resolutions / data.frame_counts")
+                             "raise data.token_budget or lower data.resolutions / data.frame_counts (data.buckets)")
         return n
 
     def _fill(self, buffer: list[int], nxt: int) -> list[list[int]]:

@@ -8,7 +8,11 @@ A sample is decoded with PyAV (Pillow for images); every k-th frame is kept (k =
 source fps / data.target_fps rounded, at least 1); the first frames are cut to the largest of
 `data.frame_counts` the clip holds (an image is one frame); then resized to cover and centre-cropped to the
 entry of `data.resolutions` whose aspect ratio is nearest its own (portrait clips go to portrait buckets).
+With `data.buckets` the (height, width, frames) of a clip is its bucket instead (stdit/data/buckets.py: the
+largest that fits inside it at its aspect ratio); clips that fit none are left out, counted in `unplaced`.
 The shape a sample will have is known from the index (the probe) without decoding: shape_of(i).
+With `data.captions` (a manifest written by `stdit data caption`) a clip's caption is the manifest's, not its
+shard's.
 
 Bad data does not stop training. A sample whose probe cannot be read (a member cut off by a truncated shard, or
 garbage) is left out of the index, and a shard that is not a tar at all is left out whole, each reported on
@@ -32,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from stdit.data.buckets import assign, parse_buckets
 from stdit.data.sample import Sample
 
 
@@ -95,12 +100,16 @@ def read_member(shard: Path, where: tuple[int, int]) -> bytes:
 class ShardDataset:
     """Samples of webdataset tar shards, by index."""
 
-    def __init__(self, patterns, resolutions, frame_counts, frame_stride: int = 1, target_fps: float = 0.0):
+    def __init__(self, patterns, resolutions, frame_counts, frame_stride: int = 1, target_fps: float = 0.0,
+                 buckets=None, allow_upscale: bool = False, captions: str | Path | None = None):
         self.resolutions = [tuple(int(x) for x in r) for r in resolutions]
         self.frame_counts = sorted(int(t) for t in frame_counts)
         self.frame_stride, self.target_fps = int(frame_stride), float(target_fps)
+        self.buckets, self.allow_upscale = parse_buckets(buckets or []), bool(allow_upscale)
         self.entries, self.keys = [], []  # (shard, {extension: (offset, size)}, probe); the samples' tar keys
+        self.shapes: list[tuple[int, int, int]] = []  # (T, H, W) of each sample as read
         self.dropped: list[tuple] = []  # (shard, key, offset, why) of what could not be indexed
+        self.unplaced: list[tuple] = []  # (shard, key, why) of clips that fit no bucket of data.buckets
         self._substitutes: dict[int, int] = {}
         cut: list[tuple] = []
         for shard in expand(patterns):
@@ -115,11 +124,21 @@ class ShardDataset:
                         self.dropped.append((shard, key, parts["json"][0], f"its probe ({key}.json) cannot be read "
                                              f"({type(e).__name__}: {e}); left out"))
                         continue
+                    placed, why = self._place(probe, f"{Path(shard).name}/{key}")
+                    if placed is None:
+                        self.unplaced.append((shard, key, why))
+                        continue
                     self.entries.append((shard, parts, probe))
                     self.keys.append(key)
+                    self.shapes.append(placed)
         self.dropped += [c for c in cut if c[1] == "*"]
         for shard, key, offset, why in cut + [d for d in self.dropped if d not in cut]:
             print(f"data: {shard} sample {key} (byte {offset}): {why}", file=sys.stderr)
+        if self.unplaced:
+            shard, key, why = self.unplaced[0]
+            print(f"data: {len(self.unplaced)} clips fit no bucket of data.buckets and are left out (first: "
+                  f"{Path(shard).name} sample {key}: {why})", file=sys.stderr)
+        self.captions = load_captions(captions, self) if captions else None
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -135,10 +154,18 @@ class ShardDataset:
         held = 1 + (int(probe["frames"]) - 1) // self.stride(probe.get("fps", 0.0))
         return max([t for t in self.frame_counts if t <= held] or [1])
 
+    def _place(self, probe: dict, name: str) -> tuple[tuple[int, int, int] | None, str]:
+        """((T, H, W) a clip is read at, or None and why it fits no bucket), from its probe alone."""
+        H, W = int(probe["height"]), int(probe["width"])
+        if not self.buckets:
+            return (self._frames(probe), *bucket(H, W, self.resolutions)), ""
+        held = 1 + (int(probe["frames"]) - 1) // self.stride(probe.get("fps", 0.0))
+        chosen, why = assign(H, W, held, self.buckets, self.allow_upscale, name)
+        return (chosen.shape if chosen else None), why
+
     def shape_of(self, i: int) -> tuple[int, int, int]:
         """(T, H, W) of sample i as __getitem__ returns it, from the probe alone."""
-        probe = self.entries[i][2]
-        return (self._frames(probe), *bucket(probe["height"], probe["width"], self.resolutions))
+        return self.shapes[i]
 
     def __getitem__(self, i: int) -> Sample:
         """Sample i, or (when it cannot be read) its substitute under id i, with `bad` saying what happened."""
@@ -178,14 +205,17 @@ class ShardDataset:
 
     def _read(self, i: int) -> Sample:
         shard, parts, probe = self.entries[i]
-        caption = read_member(shard, parts["txt"]).decode().strip()
+        if self.captions is not None:
+            caption = self.captions[(shard.name, self.keys[i])]
+        else:
+            caption = read_member(shard, parts["txt"]).decode().strip()
         media = next(e for e in parts if e not in ("txt", "json"))
-        k, t = self.stride(probe.get("fps", 0.0)), self._frames(probe)
+        k, (t, h, w) = self.stride(probe.get("fps", 0.0)), self.shapes[i]
         frames, fps = decode(read_member(shard, parts[media]), media, 1 + (t - 1) * k)
         frames = frames[::k][:t]
         if frames.shape[0] != t:
             raise ValueError(f"{shard} sample {i}: decoded {frames.shape[0]} frames, its probe promised {t}")
-        video = fit_to_bucket(frames, self.resolutions)
+        video = fit(frames, h, w)
         fps = fps or probe.get("fps") or 8.0
         return Sample(sample_id=i, video=video, caption=caption, fps=fps / k)
 
@@ -217,7 +247,12 @@ def fit_to_bucket(frames: torch.Tensor, resolutions: list[tuple[int, int]]) -> t
     """uint8 [T, H, W, 3] -> float [3, T, h, w] in [-1, 1] at the bucket of the nearest aspect ratio (resize to
     cover, centre crop)."""
     _, H, W, _ = frames.shape
-    h, w = bucket(H, W, resolutions)
+    return fit(frames, *bucket(H, W, resolutions))
+
+
+def fit(frames: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """uint8 [T, H, W, 3] -> float [3, T, h, w] in [-1, 1]: resized to cover h x w, centre-cropped."""
+    _, H, W, _ = frames.shape
     scale = max(h / H, w / W)
     nh, nw = max(h, round(H * scale)), max(w, round(W * scale))
     x = frames.permute(0, 3, 1, 2).float()
@@ -225,3 +260,32 @@ def fit_to_bucket(frames: torch.Tensor, resolutions: list[tuple[int, int]]) -> t
     top, left = (nh - h) // 2, (nw - w) // 2
     x = x[:, :, top:top + h, left:left + w]
     return (x / 127.5 - 1.0).clamp(-1, 1).permute(1, 0, 2, 3).contiguous()
+
+
+def load_captions(path: str | Path, dataset: ShardDataset) -> dict[tuple[str, str], str]:
+    """{(shard file name, key): caption} of a caption manifest (`stdit data caption`'s captions.jsonl) for every
+    sample of `dataset`; a clip the manifest lacks, or a shard name given twice, is an error naming what to do."""
+    from stdit.config import ConfigError
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data.captions={path}: no caption manifest there (write one with `stdit data "
+                                "caption SHARDS... OUT --model PATH`: OUT/captions.jsonl)")
+    names = {shard.name: shard for shard, _, _ in dataset.entries}
+    if len(names) != len({shard for shard, _, _ in dataset.entries}):
+        raise ConfigError("data.captions: data.shards holds two shards of the same file name; a caption manifest "
+                          "names clips by shard file name and key, so give each shard a distinct name")
+    captions = {}
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+        try:
+            row = json.loads(line)
+            captions[(row["shard"], row["key"])] = str(row["caption"])
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ConfigError(f"data.captions={path}, line {n + 1}: not a caption record ({type(e).__name__}: {e}); "
+                              "rerun `stdit data caption` into that folder to repair it") from None
+    missing = [(shard.name, key) for (shard, _, _), key in zip(dataset.entries, dataset.keys)
+               if (shard.name, key) not in captions]
+    if missing:
+        raise ConfigError(f"data.captions={path} has no caption for {len(missing)} of {len(dataset)} clips (first: "
+                          f"{missing[0][0]} sample {missing[0][1]}); run `stdit data caption` on these shards into "
+                          "the same folder (it continues where it stopped)")
+    return captions

@@ -11,13 +11,18 @@ from dataclasses import dataclass
 
 import torch
 
-from stdit.packing import PackedBatch
+from stdit.packing import PackedBatch, to_device
+
+
+def sample_seed(seed: int, step: int, sample_id: int, stream: str = "") -> int:
+    """A 63-bit seed private to (seed, step, sample id, stream)."""
+    digest = hashlib.blake2b(f"{seed}/{step}/{sample_id}/{stream}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def sample_generator(seed: int, step: int, sample_id: int, stream: str = "") -> torch.Generator:
     """A CPU generator private to (seed, step, sample id, stream)."""
-    digest = hashlib.blake2b(f"{seed}/{step}/{sample_id}/{stream}".encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+    return torch.Generator().manual_seed(sample_seed(seed, step, sample_id, stream))
 
 
 def timestep_shift(num_tokens: int, cfg) -> float:
@@ -32,30 +37,52 @@ def shift_t(t: torch.Tensor | float, shift: float):
 
 @dataclass
 class SampleDraw:
-    """The random choices of one sample in one step."""
+    """The random choices of one sample in one step. The noise is drawn where the batch is (`noise_of`), from
+    `key` = (seed, step, sample id); a filler gives it as a tensor instead."""
 
     t: float
-    noise: torch.Tensor      # [N_i, C*pt*ph*pw] in the sample's token order
     drop_caption: bool
+    key: tuple[int, int, int] | None = None
+    shape: tuple[int, int] = (0, 0)  # [N_i, C*pt*ph*pw] in the sample's token order
+    noise: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.noise is not None:
+            self.shape = tuple(self.noise.shape)
 
 
 def draw(seed: int, step: int, sample_id: int, num_tokens: int, token_dim: int, cfg) -> SampleDraw:
-    """Logit-normal timestep shifted by the sample's token count, Gaussian noise, caption dropout."""
+    """Logit-normal timestep shifted by the sample's token count, caption dropout; the noise comes later."""
     g = sample_generator(seed, step, sample_id)
     u = torch.sigmoid(cfg.logit_mean + cfg.logit_std * torch.randn((), generator=g)).item()
     t = float(shift_t(u, timestep_shift(num_tokens, cfg)))
     drop = bool(torch.rand((), generator=g).item() < cfg.caption_dropout)
-    noise = torch.randn(num_tokens, token_dim, generator=g)
-    return SampleDraw(t=t, noise=noise, drop_caption=drop)
+    return SampleDraw(t=t, drop_caption=drop, key=(seed, step, sample_id), shape=(num_tokens, token_dim))
+
+
+def noise_of(d: SampleDraw, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The sample's Gaussian noise, written into `out` ([N_i, dim] on any device; default a new CPU tensor).
+    On the CPU it continues draw()'s generator (the values the trainer has always drawn); on an accelerator a
+    generator of that device, seeded from the same key, draws it there: no host copy, nothing to wait for."""
+    out = torch.empty(d.shape) if out is None else out
+    if d.noise is not None:
+        return out.copy_(d.noise, non_blocking=True)
+    if out.device.type == "cpu":
+        g = sample_generator(*d.key)
+        torch.randn((), generator=g), torch.rand((), generator=g)  # draw()'s timestep and caption dropout
+        return out.copy_(torch.randn(d.shape, generator=g))
+    g = torch.Generator(out.device).manual_seed(sample_seed(*d.key, "noise"))
+    return out.normal_(generator=g)
 
 
 def noisy_inputs(batch: PackedBatch, draws: list[SampleDraw]):
-    """x_t tokens, per-frame timesteps [F] (0 for conditioning and padding frames) and the velocity target."""
+    """x_t tokens, per-frame timesteps [F] (0 for conditioning and padding frames) and the velocity target.
+    Nothing here waits for the device: noise is drawn on it, the timesteps arrive by a non-blocking copy."""
     x0 = batch.tokens
     noise = torch.zeros_like(x0)
     for d, off in zip(draws, batch.offsets):
-        noise[off:off + d.noise.shape[0]] = d.noise.to(x0.device, x0.dtype)
-    t_sample = torch.tensor([d.t for d in draws] + [0.0], device=x0.device)  # slot B: padding
+        noise_of(d, noise[off:off + d.shape[0]])
+    t_sample = to_device(torch.tensor([d.t for d in draws] + [0.0]), x0.device)  # slot B: padding
     t_frame = torch.where(batch.frame_cond, torch.zeros((), device=x0.device), t_sample[batch.frame_sample])
     t_tok = t_frame[batch.token_frame][:, None].to(x0.dtype)
     x_t = (1 - t_tok) * x0 + t_tok * noise

@@ -20,9 +20,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x32 * self.weight.float()).to(x.dtype)
+        # statistics in fp32; the scaling in x's dtype (no fp32 copy of x under bf16)
+        rms = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return x * rms.to(x.dtype) * self.weight.to(x.dtype)
 
 
 class Mlp(nn.Module):
@@ -75,17 +75,39 @@ def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
     return head_dim - 2 * hw, hw, hw
 
 
-def rope_cos_sin(coords: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """[L, 3] integer (t, h, w) -> cos, sin of shape [L, 1, head_dim/2] (fp32)."""
+def rope_cos_sin(coords: torch.Tensor, head_dim: int, theta: float,
+                 dims: tuple[int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """[L, 3] integer (t, h, w) -> cos, sin of shape [L, 1, head_dim/2] (fp32); `dims` are the head dims rotated
+    by each axis (default: rope_axis_dims)."""
     angles = []
-    for axis, d in enumerate(rope_axis_dims(head_dim)):
+    for axis, d in enumerate(dims or rope_axis_dims(head_dim)):
         inv = theta ** (-torch.arange(0, d, 2, dtype=torch.float32, device=coords.device) / d)
         angles.append(coords[:, axis, None].float() * inv[None])
     ang = torch.cat(angles, dim=-1)[:, None, :]
     return ang.cos(), ang.sin()
 
 
+def rope_tables(coords: torch.Tensor, head_dim: int, theta: float, per_attention: bool) -> dict:
+    """RoPE angles of each self-attention kind: {"spatial" | "temporal" | "full": (cos, sin)}. Shared: every kind
+    uses the one 3D table (head dims split over time, row, column). Per attention: each kind rotates all head dims
+    by the axes it compares -- spatial by (row, column), temporal by time, full by all three -- since inside a frame
+    the time rotation is the same for every token (and across frames the row/column one), a shared table spends
+    those dims on nothing."""
+    full = rope_cos_sin(coords, head_dim, theta)
+    if not per_attention:
+        return {"spatial": full, "temporal": full, "full": full}
+    return {"spatial": rope_cos_sin(coords, head_dim, theta, (0, head_dim // 2, head_dim // 2)),
+            "temporal": rope_cos_sin(coords, head_dim, theta, (head_dim, 0, 0)), "full": full}
+
+
+def sincos_2d(coords: torch.Tensor, dim: int) -> torch.Tensor:
+    """[L, 3] integer (t, h, w) -> [L, dim] fixed sinusoidal embedding of (row, column), DiT's absolute 2D one
+    (dim % 4 == 0)."""
+    return torch.cat([sinusoidal(coords[:, 1], dim // 2), sinusoidal(coords[:, 2], dim // 2)], dim=-1)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate [L, H, D] by per-token angles (rotate-half pairing: i with i + D/2)."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # the rotation in x's dtype: bf16 under autocast
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)

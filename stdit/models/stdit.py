@@ -12,13 +12,14 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from stdit.models.attention import CrossAttention, SelfAttention
-from stdit.models.layers import Mlp, ScalarEmbedder, modulate, rope_cos_sin
+from stdit.models.layers import Mlp, ScalarEmbedder, modulate, rope_tables, sincos_2d
 from stdit.packing import PackedBatch
 
 
 def frame_param(frame_mod: torch.Tensor, table: torch.Tensor, i: int, token_frame: torch.Tensor) -> torch.Tensor:
-    """Modulation parameter i for every token: (per-frame adaLN-single output + block table)[token's frame]."""
-    return (frame_mod[:, i] + table[i])[token_frame]
+    """Modulation parameter i for every token: (per-frame adaLN-single output + block table)[token's frame], in
+    the compute dtype (the fp32 table must not turn modulation, gates and residual into fp32 under autocast)."""
+    return (frame_mod[:, i] + table[i]).to(frame_mod.dtype)[token_frame]
 
 
 #################################################################################
@@ -53,17 +54,20 @@ class STDiTBlock(nn.Module):
         return self._forward(x, frame_mod, text, rope, batch)
 
     def _forward(self, x, frame_mod, text, rope, batch: PackedBatch):
+        # modulation, gates and the residual stream stay in x's dtype (autocast runs the LayerNorms in fp32)
         p = lambda i: frame_param(frame_mod, self.scale_shift_table, i, batch.token_frame)  # noqa: E731
         shift_msa, scale_msa, gate_msa = p(0), p(1), p(2)
-        seg = batch.segments("spatial" if self.factorized else "full")
-        x = x + gate_msa * self.spatial_attn(modulate(self.norm1(x), shift_msa, scale_msa), rope, seg)
+        kind = "spatial" if self.factorized else "full"
+        x = x + gate_msa * self.spatial_attn(modulate(self.norm1(x).to(x.dtype), shift_msa, scale_msa), rope[kind],
+                                             batch.segments(kind))
         if self.factorized:
             shift_tmp, scale_tmp, gate_tmp = p(6), p(7), p(8)
             seg = batch.segments("temporal", causal=self.temporal_causal)
-            x = x + gate_tmp * self.temporal_attn(modulate(self.norm_t(x), shift_tmp, scale_tmp), rope, seg)
+            x = x + gate_tmp * self.temporal_attn(modulate(self.norm_t(x).to(x.dtype), shift_tmp, scale_tmp),
+                                                  rope["temporal"], seg)
         x = x + self.cross_attn(x, text, batch.segments("cross"))
         shift_mlp, scale_mlp, gate_mlp = p(3), p(4), p(5)
-        return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x + gate_mlp * self.mlp(modulate(self.norm2(x).to(x.dtype), shift_mlp, scale_mlp))
 
 
 class FinalLayer(nn.Module):
@@ -76,9 +80,9 @@ class FinalLayer(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.randn(2, hidden_size) / hidden_size ** 0.5)
 
     def forward(self, x, t_frame, token_frame):
-        shift = (t_frame + self.scale_shift_table[0])[token_frame]
-        scale = (t_frame + self.scale_shift_table[1])[token_frame]
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+        shift = (t_frame + self.scale_shift_table[0]).to(x.dtype)[token_frame]
+        scale = (t_frame + self.scale_shift_table[1]).to(x.dtype)[token_frame]
+        return self.linear(modulate(self.norm_final(x).to(x.dtype), shift, scale))
 
 
 #################################################################################
@@ -98,6 +102,7 @@ class STDiT(nn.Module):
         self.x_embedder = nn.Linear(patch_dim, h)  # a 3D patch conv with stride = kernel, on patchified tokens
         self.t_embedder = ScalarEmbedder(h, scale=1000.0)
         self.fps_embedder = ScalarEmbedder(h) if cfg.fps_conditioning else None
+        self.time_embedder = ScalarEmbedder(h) if cfg.time_embed == "relative" else None
         self.num_mod = 9 if factorized else 6
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(h, self.num_mod * h))  # adaLN-single, shared by blocks
         self.y_embedder = Mlp(text_dim, h, h)
@@ -115,7 +120,7 @@ class STDiT(nn.Module):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
         self.apply(_basic_init)
-        for emb in (self.t_embedder, self.fps_embedder):
+        for emb in (self.t_embedder, self.fps_embedder, self.time_embedder):
             if emb is not None:
                 nn.init.normal_(emb.mlp[0].weight, std=0.02)
                 nn.init.normal_(emb.mlp[2].weight, std=0.02)
@@ -134,9 +139,14 @@ class STDiT(nn.Module):
         t_frame = self.t_embedder(t)                                   # [F, h]
         if self.fps_embedder is not None:
             t_frame = t_frame + self.fps_embedder(batch.fps)[batch.frame_sample]
+        if self.time_embedder is not None:  # where the frame sits in its sample, unchanged by a common shift
+            t_frame = t_frame + self.time_embedder(batch.frame_time)
         frame_mod = self.t_block(t_frame).view(t.shape[0], self.num_mod, -1)  # [F, num_mod, h]
-        rope = rope_cos_sin(batch.coords, self.head_dim, self.cfg.rope_theta)
-        return self.x_embedder(x), t_frame, frame_mod, self.y_embedder(batch.text), rope
+        rope = rope_tables(batch.coords, self.head_dim, self.cfg.rope_theta, self.cfg.rope_axes == "per_attention")
+        x = self.x_embedder(x)
+        if self.cfg.pos_embed == "sincos":
+            x = x + sincos_2d(batch.coords, x.shape[-1]).to(x.dtype)
+        return x, t_frame, frame_mod, self.y_embedder(batch.text), rope
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
         x, t_frame, frame_mod, text, rope = self.embed(x, t, batch)
