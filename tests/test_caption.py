@@ -3,22 +3,11 @@ resumption after an interruption, a damaged clip, and training reading the new c
 import io
 import json
 import tarfile
-from fractions import Fraction
 
 import numpy as np
 import pytest
+from test_data_shard import _write
 from tiny_hf import tiny_lm, tiny_vlm
-
-
-def _video(path, frames, h, w):
-    import av
-    rng = np.random.default_rng(frames + h)
-    with av.open(str(path), mode="w") as c:
-        s = c.add_stream("libx264", rate=Fraction(8))
-        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
-        for _ in range(frames):
-            c.mux(s.encode(av.VideoFrame.from_ndarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8), "rgb24")))
-        c.mux(s.encode())
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +25,7 @@ def world(tmp_path_factory):
         if name.endswith(".png"):
             Image.fromarray(np.full((24, 32, 3), 128, np.uint8)).save(src / name)
         else:
-            _video(src / name, t, 24, 32)
+            _write(src / name, "libx264", t, (24, 32), 8)
         (src / name).with_suffix(".txt").write_text(f"original {name}")
     shard(src, root / "shards", shard_size=6000, progress=False)
     with tarfile.open(root / "shards" / "shard-000099.tar", "w") as tar:
@@ -167,7 +156,7 @@ def test_raw_videos_without_captions_are_sharded_then_captioned(world, captioner
     from stdit.data.ingest import shard
     src = tmp_path / "raw"
     src.mkdir()
-    _video(src / "x.mp4", 3, 16, 16)
+    _write(src / "x.mp4", "libx264", 3, (16, 16), 8)
     skipped = shard(src, tmp_path / "refused", progress=False)
     assert skipped["written"] == 0 and "--uncaptioned" in skipped["skipped"][0]["why"]
     assert shard(src, tmp_path / "shards", progress=False, uncaptioned=True)["written"] == 1

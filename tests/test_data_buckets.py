@@ -1,22 +1,11 @@
 """Resolution buckets (data.buckets) on real encoded files: where each clip goes, what it decodes to, and
 `stdit data stats` (bucket histogram and the packing sampler's padding)."""
-from fractions import Fraction
 
 import numpy as np
 import pytest
+from test_data_shard import _write
 
 BUCKETS = [[16, 16, 1], [16, 16, 4], [32, 32, 4], [24, 32, 1], [24, 32, 8], [32, 16, 4]]
-
-
-def _video(path, frames, h, w, fps=12):
-    import av
-    rng = np.random.default_rng(frames * h + w)
-    with av.open(str(path), mode="w") as c:
-        s = c.add_stream("libx264", rate=Fraction(fps))
-        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
-        for _ in range(frames):
-            c.mux(s.encode(av.VideoFrame.from_ndarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8), "rgb24")))
-        c.mux(s.encode())
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +16,7 @@ def shards(tmp_path_factory):
     src = tmp_path_factory.mktemp("bucket_src")
     for name, (t, h, w) in {"landscape": (9, 48, 64), "portrait": (5, 64, 32), "square": (6, 32, 32),
                             "small": (3, 12, 12)}.items():
-        _video(src / f"{name}.mp4", t, h, w)
+        _write(src / f"{name}.mp4", "libx264", t, (h, w), 12)
     Image.fromarray(np.full((20, 30, 3), 90, np.uint8)).save(src / "still.png")
     Image.fromarray(np.full((40, 40, 3), 30, np.uint8)).save(src / "photo.png")
     for p in list(src.iterdir()):
