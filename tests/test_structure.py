@@ -212,6 +212,14 @@ def test_libraries_never_import_commands_or_cli():
 # Report: python tests/test_structure.py
 # ----------------------------------------------------------------------------------------------------------
 
+def test_files_stay_small():
+    """House rule (DESIGN.md section 6, issue 12): no source file over 600 lines, the median under 250."""
+    counts = {str(path.relative_to(ROOT)): len(path.read_text().splitlines()) for path in module_files().values()}
+    big = {path: n for path, n in counts.items() if n > 600}
+    assert not big, f"split these files (over 600 lines): {big}"
+    assert statistics.median(counts.values()) < 250, f"median file length {statistics.median(counts.values())}"
+
+
 def report() -> str:
     edges, names = import_graph()
     modules = module_files()
