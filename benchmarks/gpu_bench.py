@@ -1,6 +1,8 @@
 """The GPU benchmark (issue 15, item 8): an STDiT-XL training step in bf16 on a packed micro-batch of mixed shapes,
 with every attention backend that runs here, against the same tokens as a dense batch (one shape), with and
-without torch.compile, and the attention kinds timed apart. One `RESULT key=value ...` line per figure.
+without torch.compile, and the attention kinds timed apart (each backend forced on every kind; `auto` is the
+trainer's choice: dense temporal attention, the first varlen kernel for the other kinds; on a GPU temporal
+attention also on the dense backend with each SDPA kernel forced). One `RESULT key=value ...` line per figure.
 
     benchmarks/gpu_bench.sh                  # on a GPU: XL sizes (recipes/model/XL.yaml), 8192-token batches
     python benchmarks/gpu_bench.py --tiny    # the same code paths with a tiny model on the CPU (CI runs this)
@@ -145,6 +147,27 @@ def bench_kinds(cfg, batch, text_lens, backends, device, args) -> None:
             result(bench="attention", kind=kind, backend=backend, seconds=time_it(step, device, args.warmup,
                                                                                   args.steps),
                    max_q=seg.max_q, segments=seg.cu_q.shape[0] - 1)
+    if device.type == "cuda":  # which SDPA kernel suits temporal columns (SDPA's own choice above: dense)
+        bench_dense_kernels(heads, dim, dtype, batch.segments("temporal"), L, device, args)
+
+
+def bench_dense_kernels(heads, dim, dtype, seg, L, device, args) -> None:
+    """Temporal attention on the dense backend with each SDPA kernel forced: flash and memory-efficient pad a
+    1-17-token column to their tiles, math does not (but writes the small score matrices)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    attn = VarlenAttention("dense")
+    q, k, v = (torch.randn(L, heads, dim, device=device, dtype=dtype, requires_grad=True) for _ in "qkv")
+    for kernel in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH):
+        def step():
+            with sdpa_kernel(kernel):
+                attn(q, k, v, seg).float().square().mean().backward()
+        try:
+            seconds = time_it(step, device, args.warmup, args.steps)
+        except RuntimeError as e:  # a kernel that does not take this shape or dtype here
+            result(bench="attention", kind="temporal", backend=f"dense_{kernel.name.lower()}", error=type(e).__name__)
+            continue
+        result(bench="attention", kind="temporal", backend=f"dense_{kernel.name.lower()}", seconds=seconds,
+               max_q=seg.max_q, segments=seg.cu_q.shape[0] - 1)
 
 
 def main(argv=None) -> None:
@@ -179,7 +202,8 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     model = build_model(cfg, text_dim).to(device)
     optimizer = build_optimizer(model, argparse.Namespace(lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0))
-    bench_steps(model, optimizer, cfg, text_dim, batches, backends, device, args, "off")
+    # auto: what the trainer runs (dense temporal attention, the first varlen kernel for the other kinds)
+    bench_steps(model, optimizer, cfg, text_dim, batches, ["auto", *backends], device, args, "off")
     bench_kinds(cfg, packed[0], packed[2], backends, device, args)
     if args.compile != "off":
         apply_compile(model, backend=args.compile)
@@ -187,7 +211,7 @@ def main(argv=None) -> None:
         train_step(model, optimizer, *packed[:2], device)()
         result(bench="compile", backend=args.compile, first_step_s=time.perf_counter() - start,
                graphs=torch._dynamo.utils.counters["stats"]["unique_graphs"])
-        bench_steps(model, optimizer, cfg, text_dim, batches, backends[:1], device, args, args.compile)
+        bench_steps(model, optimizer, cfg, text_dim, batches, ["auto"], device, args, args.compile)
         graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         result(bench="compile", backend=args.compile, graphs_after=graphs)
     if device.type == "cuda":

@@ -145,8 +145,9 @@ def validate(cfg: Config) -> None:
            f"must be factorized or full, got {m.attention!r}")
     _check(not (m.temporal_causal and m.attention == "full"), "model.temporal_causal",
            "causal time needs model.attention=factorized (full attention is one bidirectional segment per video)")
-    _check(m.attention_backend in ("auto", "flash_attn", "torch_varlen", "reference"), "model.attention_backend",
-           f"must be auto, flash_attn, torch_varlen or reference, got {m.attention_backend!r}")
+    for key in ("attention_backend", "temporal_attention_backend"):
+        _check(getattr(m, key) in ("auto", "flash_attn", "torch_varlen", "dense", "reference"), f"model.{key}",
+               f"must be auto, flash_attn, torch_varlen, dense or reference, got {getattr(m, key)!r}")
     _check(m.activation_checkpointing in ("none", "selective", "full"), "model.activation_checkpointing",
            f"must be none, selective or full, got {m.activation_checkpointing!r}")
     _check(cfg.text.kind in ("t5", "clip"), "text.kind", f"must be t5 or clip, got {cfg.text.kind!r}")
@@ -208,6 +209,8 @@ def validate(cfg: Config) -> None:
     for key in ("tp", "pp", "cp"):
         _check(getattr(p, key) >= 1, f"parallel.{key}", f"must be >= 1, got {getattr(p, key)}")
     _check(p.zero in (0, 1, 2, 3), "parallel.zero", f"must be 0, 1, 2 or 3, got {p.zero}")
+    _check(p.cp_mode in ("dsp", "ulysses"), "parallel.cp_mode", f"must be dsp or ulysses, got {p.cp_mode!r} "
+           "(model.attention=full always runs ulysses)")
     _check(p.timeout_s > 0, "parallel.timeout_s", f"must be > 0 seconds, got {p.timeout_s}")
     _check(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0")
     _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
@@ -316,9 +319,12 @@ def validate_layout(cfg: Config, world_size: int):
         dims = ParallelDims(world_size, p.tp, p.pp, p.cp, p.zero)
     except LayoutError as e:
         raise ConfigError(str(e)) from None
-    if m.num_heads % (p.tp * p.cp):
+    ulysses = p.cp > 1 and (p.cp_mode == "ulysses" or m.attention == "full")  # Ulysses splits heads, DSP tokens
+    if m.num_heads % (p.tp * p.cp if ulysses else p.tp):
         raise ConfigError(f"model.num_heads={m.num_heads} is not divisible by parallel.tp * parallel.cp = "
-                          f"{p.tp * p.cp}; heads are split over both")
+                          f"{p.tp * p.cp}; Ulysses context parallelism (parallel.cp_mode=ulysses, or "
+                          "model.attention=full) splits heads over both" if ulysses else
+                          f"model.num_heads={m.num_heads} is not divisible by parallel.tp={p.tp}")
     if d.token_budget % p.cp:
         raise ConfigError(f"data.token_budget={d.token_budget} is not divisible by parallel.cp={p.cp}; "
                           "each context-parallel rank holds an equal slice of the packed sequence")

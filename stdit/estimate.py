@@ -11,10 +11,12 @@ ZeRO partitions over):
   on every GPU; with cached latents on none (the trainer keeps the text encoder on the CPU, where it encodes the
   empty caption, and loads the autoencoder only to decode the end-of-run samples).
 - activations, counted per block as Korthikanti et al. 2022 count them for GPT ("Reducing Activation
-  Recomputation in Large Transformer Models", sec. 4): the tensors autograd keeps for backward, per token, in
-  units of the hidden size h (2 bytes each in bf16, 4 in fp32); parts inside the tensor-parallel region divide by
-  tp, everything divides by cp (Ulysses). See `block_activations` for the count; `recompute` modes follow
-  model.activation_checkpointing. A pipeline stage holds pp micro-batches in flight (1F1B), of its blocks.
+  Recomputation in Large Transformer Models", sec. 4): the tensors autograd keeps for backward, in bytes per token
+  and unit of the hidden size h: under bf16 autocast (GPU) mostly 2-byte tensors plus the fp32 copies autocast
+  makes (QK-norm statistics, LayerNorm), in fp32 (CPU) 4-byte ones; parts inside the tensor-parallel region divide
+  by tp, everything divides by cp (Ulysses). See `block_activations` for the count (checked against autograd's
+  saved tensors in tests/test_plan.py); `recompute` modes follow model.activation_checkpointing. A pipeline stage
+  holds pp micro-batches in flight (1F1B), of its blocks.
 - attention workspace: the largest transient of one attention call (the reference kernel gathers q, k, v into
   segment order; flash-attn works in on-chip tiles).
 """
@@ -26,10 +28,10 @@ import math
 import torch
 
 from parallel.dims import ParallelDims
-from stdit.config import Config, ConfigError, ParallelConfig, sample_token_grids, validate_layout
+from stdit.config import Config, ConfigError, sample_token_grids, validate_layout
 from stdit.flops import forward_flops
 from stdit.models.stdit import build_model
-from stdit.parallelize import TP_STYLES
+from stdit.parallelize import TP_STYLES, cp_mode
 
 GIB = 2 ** 30
 HEADROOM = 0.9  # a layout fits when the estimate is below 90% of the GPU: CUDA context, NCCL buffers, fragmentation
@@ -127,55 +129,102 @@ def flops(cfg: Config, text_dim: int) -> dict:
 # Activations
 # ----------------------------------------------------------------------------------------------------------
 
-def kernel_saves(backend: str) -> tuple[int, int]:
-    """What one attention kernel keeps beyond its q, k, v inputs, per query token in units of h:
-    (self-attention, cross-attention). flash-attn keeps its output (and a per-head log-sum-exp, not counted);
-    the reference kernel also keeps its gathered copies of q, k, v (cross: of q only; k, v are text tokens)."""
-    return (1, 1) if backend == "flash" else (4, 2)
+def kernel_keeps(backend: str, recompute: str) -> dict:
+    """What one attention kernel call keeps beyond the layer's own tensors, in units of h / tp per query token
+    (text: per text token), measured with autograd's saved-tensor hooks (tests/test_plan.py):
+    - flash_attn, torch_varlen, dense ("flash") keep their inputs and output: q and k after RoPE (v is a view of the
+      qkv output) and the output, 3; temporal attention's inputs are the copies gathered into column order: q, k, v
+      and the output, 4; cross-attention: q and the output, 2; per text token k, 1;
+    - the reference kernel keeps its own gathered copies of q, k, v, its output and the scattered output: 5
+      (temporal too); cross: the q copy and two outputs, 3; per text token the k, v copies, 2;
+    - selective recomputation keeps only the kernel's inputs: q, k 2; temporal the gathered q, k, v 3; cross q 1;
+      per text token k 1."""
+    if recompute == "selective":
+        return {"self": 2, "temporal": 3, "cross": 1, "text": 1}
+    if backend == "reference":
+        return {"self": 5, "temporal": 5, "cross": 3, "text": 2}
+    return {"self": 3, "temporal": 4, "cross": 2, "text": 1}
 
 
-def block_activations(cfg: Config, tp: int, backend: str, recompute: str) -> tuple[float, float]:
-    """(per video token, per text token) elements kept for backward by one block, counted from its code:
+def block_activations(cfg: Config, tp: int, backend: str, recompute: str, precision: str = "fp32",
+                      temporal_backend: str | None = None) -> tuple[float, float]:
+    """(per video token, per text token) bytes one block keeps for backward, in units of the hidden size h,
+    counted from its code and checked against what autograd saves (tests/test_plan.py, within 10%).
 
+    `precision`: fp32 | bf16 (CPU bf16 autocast) | bf16_cuda (CUDA bf16 autocast, which also runs LayerNorm in
+    fp32). E = bytes of the compute dtype (4 or 2); under autocast QK-norm keeps an fp32 copy of each tensor it
+    normalises (its statistics are fp32), C = 4 bytes each; on CUDA each LayerNorm keeps an fp32 copy of its input
+    instead of the bf16 one, N = 2 more bytes. Per token, [replicated] or [/ tp]:
     self-attention: LayerNorm input 1, modulate (normed x, 1 + scale) 2, qkv input 1, gate and branch output 2
-      [replicated: 6]; qkv output 3, q/k RMSNorm outputs 2, q/k after RoPE 2, proj input 1, kernel k [/ tp]
-    cross-attention: q input 1 [replicated]; q output 1, q-norm output 1, proj input 1, kernel c [/ tp];
-      per text token: kv input 1 [replicated]; kv output 2, k-norm output 1, (reference) k, v copies 2 [/ tp]
-    MLP: LayerNorm input 1, modulate 2, fc1 input 1, gate and output 2 [replicated: 6]; fc1 output r, GELU
-      output r [/ tp], r = mlp_ratio
-    `selective` drops the kernels' own saves (k, c, the text copies); `full` keeps only the block input (1).
+      [E * 6 + N]; qkv output 3, QK-norm products (x * rms, kept by the weight multiply) 2, proj input 1, the
+      kernel's keeps (kernel_keeps) [E * (6 + kernel) + 2C]
+    cross-attention: q input 1 [E]; q output 1, q-norm product 1, proj input 1, kernel [E * (3 + kernel) + C];
+      per text token: kv input 1 [E]; kv output 2, k-norm product 1, kernel [E * (3 + kernel) + C]
+    MLP: LayerNorm input 1, modulate 2, fc1 input 1, gate and output 2 [E * 6 + N]; fc1 and GELU outputs
+      [E * 2 r], r = mlp_ratio
+    `full` keeps only the block input [E]. Not counted (< 1% at XL): RoPE's cos / sin copies in the compute dtype
+    (4 x head_dim / 2 per token and self-attention), per-head norm statistics, index tensors.
     """
     m = cfg.model
+    E = 4 if precision == "fp32" else 2
+    C = 0 if precision == "fp32" else 4
+    N = 2 if precision == "bf16_cuda" else 0
     if recompute == "full":
-        return 1.0, 0.0
-    k, c = (0, 0) if recompute == "selective" else kernel_saves(backend)
-    text_copies = 0 if recompute == "selective" or backend == "flash" else 2
-    attentions = 2 if m.attention == "factorized" else 1
-    replicated = attentions * 6 + 1 + 6
-    split = attentions * (8 + k) + (3 + c) + 2 * m.mlp_ratio
-    return replicated + split / tp, 1 + (3 + text_copies) / tp
+        return float(E), 0.0
+    keep = kernel_keeps(backend, recompute)
+    temporal = kernel_keeps(temporal_backend or backend, recompute)["temporal"]
+    selfs = [keep["self"]] + ([temporal] if m.attention == "factorized" else [])
+    replicated = len(selfs) * (E * 6 + N) + E + (E * 6 + N)
+    split = sum(E * (6 + k) + 2 * C for k in selfs) + E * (3 + keep["cross"]) + C + E * 2 * m.mlp_ratio
+    return replicated + split / tp, E + (E * (3 + keep["text"]) + C) / tp
+
+
+def kernel_backends(m, device: str) -> tuple[str, str]:
+    """The estimate's kernel of spatial / full / cross attention and of temporal attention: flash (a kernel that
+    keeps its inputs: flash_attn, torch_varlen, dense) or reference, as `auto` resolves them on `device`."""
+    other = m.attention_backend
+    if other == "auto":
+        other = "flash" if device == "cuda" else "reference"
+    temporal = m.temporal_attention_backend
+    if temporal == "auto":
+        temporal = "dense" if m.attention_backend == "auto" else m.attention_backend
+    return tuple("reference" if b == "reference" else "flash" for b in (other, temporal))
 
 
 OUTSIDE_BLOCKS = 5  # x_embedder output 1; final layer: LayerNorm input 1, modulate 2, linear input 1
 
 
+def cp_tokens(cfg: Config, layout: ParallelDims) -> dict:
+    """Tokens of a micro-batch on the busiest context-parallel rank. Ulysses: L / cp exactly. DSP
+    (parallel.cp_mode): a rank holds whole frames, balanced by tokens (and whole temporal columns, dealt out the
+    same way), so the busiest rank holds up to the largest frame less one token more than L / cp (a frame larger
+    than L / cp: the rank holding it, the others padded to its length); that excess is padding every rank
+    computes. The activations count L / cp."""
+    share = cfg.data.token_budget / layout.cp
+    if layout.cp == 1 or cp_mode(cfg) != "dsp":
+        return {"mode": "ulysses" if layout.cp > 1 else "none", "share": share, "busiest": share, "frame": 0}
+    frame = max(h * w for _, h, w in sample_token_grids(cfg))
+    busiest = min(cfg.data.token_budget, math.ceil(share) + frame - 1)
+    return {"mode": "dsp", "share": share, "busiest": busiest, "frame": frame}
+
+
 def activation_bytes(cfg: Config, layout: ParallelDims, device: str) -> dict:
     """Activation memory of the busiest rank (bytes) for one micro-batch of data.token_budget tokens."""
     m, h = cfg.model, cfg.model.hidden_size
-    backend = "flash" if device == "cuda" and m.attention_backend in ("auto", "flash_attn", "torch_varlen") \
-        else "reference"
+    backend, temporal = kernel_backends(m, device)
+    precision = "bf16_cuda" if device == "cuda" else "fp32"  # the trainer: bf16 autocast on GPU, fp32 on CPU
     elem = 2 if device == "cuda" else 4
     tokens = cfg.data.token_budget / layout.cp
     samples = max(1.0, cfg.data.token_budget / mean_sample_tokens(cfg))  # per micro-batch
     text_tokens = samples * cfg.text.max_length / layout.cp
-    per_token, per_text = block_activations(cfg, layout.tp, backend, m.activation_checkpointing)
+    per_token, per_text = block_activations(cfg, layout.tp, backend, m.activation_checkpointing, precision, temporal)
     blocks = math.ceil(m.depth / layout.pp)
     in_flight = layout.pp  # 1F1B: the first stage holds up to pp micro-batches before its first backward
-    kept = blocks * (per_token * tokens + per_text * text_tokens) * h * elem
+    kept = blocks * (per_token * tokens + per_text * text_tokens) * h
     recompute = 0.0
     if m.activation_checkpointing == "full":  # backward recomputes one block at a time, keeping all of it
-        full_tok, full_text = block_activations(cfg, layout.tp, backend, "none")
-        recompute = (full_tok * tokens + full_text * text_tokens) * h * elem
+        full_tok, full_text = block_activations(cfg, layout.tp, backend, "none", precision, temporal)
+        recompute = (full_tok * tokens + full_text * text_tokens) * h
     heads = m.num_heads / layout.tp
     small = tokens * (m.hidden_size // m.num_heads + (2 if m.attention == "factorized" else 1) * heads) * 4
     outside = OUTSIDE_BLOCKS * tokens * h * elem + small  # + RoPE cos/sin, per-head log-sum-exp (fp32)
@@ -234,7 +283,8 @@ class Estimator:
                     continue
                 for pp in (1, 2, 4, 8, 16):
                     for zero in (0, 1, 2, 3):
-                        cfg = dataclasses.replace(self.cfg, parallel=ParallelConfig(tp, pp, cp, zero))
+                        cfg = dataclasses.replace(self.cfg, parallel=dataclasses.replace(
+                            self.cfg.parallel, tp=tp, pp=pp, cp=cp, zero=zero))  # its cp_mode too
                         try:
                             out.append(layout_of(cfg, world))
                         except ConfigError:
@@ -272,7 +322,16 @@ def report(estimator: Estimator, layout: ParallelDims, gpu_mem: float | None) ->
     where = (f"layout {layout.describe()} on {world} {estimator.device.upper()} process(es); the busiest rank holds "
              f"{mem['rank_params']:,} parameters; {cfg.data.token_budget} tokens per micro-batch, activation "
              f"checkpointing {recompute}, {mem['backend']} attention kernel")
-    lines = [model, flop, where, "memory per GPU:"]
+    lines = [model, flop, where]
+    cp = cp_tokens(cfg, layout)
+    if cp["mode"] == "dsp":
+        lines.append(f"context parallel: DSP, whole frames per rank (largest frame {cp['frame']:,} tokens): the "
+                     f"busiest rank holds up to {cp['busiest']:,.0f} tokens of a micro-batch, L/cp = "
+                     f"{cp['share']:,.0f}: up to {cp['busiest'] / cp['share'] - 1:.1%} cp padding (not in the "
+                     "activations below)")
+    elif cp["mode"] == "ulysses":
+        lines.append(f"context parallel: Ulysses, {cp['share']:,.0f} tokens per rank (no cp padding)")
+    lines.append("memory per GPU:")
     for name, b in mem["parts"].items():
         lines.append(f"  {name:<20} {b / GIB:10.3f} GiB")
     lines.append(f"  {'total':<20} {mem['total'] / GIB:10.3f} GiB")

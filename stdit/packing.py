@@ -5,6 +5,9 @@ Every attention kind becomes one varlen kernel call on the flat sequence:
   temporal  one segment per (video, row, column), reached through a gather permutation and its inverse
   full      one segment per video
   cross     query: one segment per video; key/value: that video's unpadded text tokens
+Temporal segments are ordered by length (samples of equal frame count adjacent), so each attention kind's
+segments are also given host-side as a few runs of equal lengths (`runs`): the dense backend batches each run in
+one SDPA without reading the boundaries back from the device (stdit/ops/attention.py).
 The tail no sample fills is padding: one frame of its own, out of the loss, and in no self-attention segment (the
 segments end at the last real token; the attention layer gives padding output 0), so it costs no attention work
 and does not set max_seqlen. For cross-attention the padding is one query segment against one zero text token.
@@ -17,6 +20,7 @@ import torch
 from einops import rearrange
 
 from stdit.grid import token_grid
+from stdit.ops.attention import length_runs
 
 
 def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
@@ -67,6 +71,8 @@ class Segments:
     perm: torch.Tensor | None = None
     inv: torch.Tensor | None = None
     tokens: int | None = None  # segments cover the first `tokens` rows of q and k (after perm); None: all rows
+    runs: torch.Tensor | None = None  # CPU [runs, 3] rows (len_q, len_k, count): the segments as runs of equal lengths
+    kind: str | None = None    # spatial | temporal | full | cross: which rung of the backend ladder auto takes
 
 
 @dataclass
@@ -100,23 +106,26 @@ class PackedBatch:
     offsets: list                # first token of each sample
     sample_ids: list             # dataset ids of the samples
     patch_size: tuple
+    runs: dict | None = None     # attention kind -> its segments as runs (length_runs: a CPU [runs, 3] tensor)
 
     @property
     def num_samples(self) -> int:
         return len(self.grids)
 
+    @torch.compiler.disable  # host-side bookkeeping: a compiled block would specialise on the runs every step
     def segments(self, kind: str, causal: bool = False) -> Segments:
         """Varlen arguments for attention `kind` in spatial | temporal | full | cross."""
         n = self.num_real_tokens
+        extra = {"runs": self.runs[kind] if self.runs and kind in self.runs else None, "kind": kind}
         if kind == "spatial":
-            return Segments(self.cu_spatial, self.cu_spatial, self.max_spatial, self.max_spatial, tokens=n)
+            return Segments(self.cu_spatial, self.cu_spatial, self.max_spatial, self.max_spatial, tokens=n, **extra)
         if kind == "temporal":
             return Segments(self.cu_temporal, self.cu_temporal, self.max_temporal, self.max_temporal, causal,
-                            self.temporal_perm, self.temporal_inv, tokens=n)
+                            self.temporal_perm, self.temporal_inv, tokens=n, **extra)
         if kind == "full":
-            return Segments(self.cu_full, self.cu_full, self.max_full, self.max_full, tokens=n)
+            return Segments(self.cu_full, self.cu_full, self.max_full, self.max_full, tokens=n, **extra)
         if kind == "cross":
-            return Segments(self.cu_cross, self.cu_text, self.max_cross, self.max_text)
+            return Segments(self.cu_cross, self.cu_text, self.max_cross, self.max_text, **extra)
         raise ValueError(f"unknown attention kind {kind!r}")
 
     def to(self, device) -> "PackedBatch":
@@ -188,7 +197,7 @@ def pack(
 
     coords, token_sample, token_frame, frame_sample, frame_cond, loss_mask = [], [], [], [], [], []
     frame_time = []
-    spatial_len, temporal_len, temporal_perm = [], [], []
+    spatial_len, columns = [], {}  # columns: frame count t -> temporal order of each sample with t frames
     n_frames = 0
     for i, ((t, h, w), off) in enumerate(zip(grids, offsets)):
         tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
@@ -204,10 +213,13 @@ def pack(
         frame_cond.append(cond)
         loss_mask.append((~cond).repeat_interleave(h * w))
         spatial_len += [h * w] * t
-        # temporal order: for each (row, column) its t tokens, ascending in time
-        temporal_perm.append(off + (torch.arange(t)[None, :] * (h * w) + torch.arange(h * w)[:, None]).reshape(-1))
-        temporal_len += [t] * (h * w)
+        # temporal order: for each (row, column) its t tokens, ascending in time; samples grouped by t below
+        columns.setdefault(t, []).append(
+            off + (torch.arange(t)[None, :] * (h * w) + torch.arange(h * w)[:, None]).reshape(-1))
         n_frames += t
+    # temporal segments by length, so that they form one run per distinct frame count
+    temporal_perm = [c for t in sorted(columns) for c in columns[t]]
+    temporal_len = [t for t in sorted(columns) for c in columns[t] for _ in range(c.numel() // t)]
     full_len = [_numel(g) for g in grids]
     text_len = [int(x.shape[0]) for x in texts]
     if len(texts) != B or min(text_len) < 1:
@@ -242,6 +254,8 @@ def pack(
         temporal_perm=perm.to(dev), temporal_inv=torch.argsort(perm).to(dev), max_spatial=max(spatial_len),
         max_temporal=max(temporal_len), max_full=max(full_len), max_text=max(text_len), max_cross=max(cross_len),
         num_real_tokens=n_real, grids=grids, offsets=offsets, sample_ids=sample_ids, patch_size=patch_size,
+        runs={"spatial": length_runs(spatial_len), "temporal": length_runs(temporal_len),
+              "full": length_runs(full_len), "cross": length_runs(cross_len, text_len)},
     )
 
 

@@ -54,7 +54,12 @@ class ModelConfig:
     temporal_causal: bool = False
     """Temporal attention sees only the same or earlier frames (factorized attention only)."""
     attention_backend: str = "auto"
-    """auto | flash_attn | torch_varlen | reference: the varlen kernel; auto takes the first that runs here."""
+    """auto | flash_attn | torch_varlen | dense | reference: the attention kernel (stdit/ops/attention.py); auto takes
+    the first of flash_attn, torch_varlen, reference that runs here, and dense for temporal attention."""
+    temporal_attention_backend: str = "auto"
+    """auto | flash_attn | torch_varlen | dense | reference: the kernel of temporal attention alone. auto: what
+    model.attention_backend names, where that is auto dense (each run of equally long columns one batched SDPA,
+    no padded flash tiles, no device sync)."""
     qk_norm: bool = True
     """RMS-normalise queries and keys per head (keeps attention logits bounded)."""
     rope_theta: float = 10000.0
@@ -255,13 +260,20 @@ class ParallelConfig:
     pp: int = 1
     """Pipeline-parallel stages."""
     cp: int = 1
-    """Context-parallel (Ulysses) size."""
+    """Context-parallel size: the ranks a packed micro-batch's tokens are split over (see parallel.cp_mode)."""
     zero: int = 0
     """DeepSpeed ZeRO stage 0-3 over the data-parallel group."""
     timeout_s: float = 1800.0
     """Seconds a collective may wait for the other processes (the process groups' timeout): a process that is
     stopped, hung or unreachable for longer makes the others exit with an error naming this key, instead of a
     hang (under torchrun --max-restarts, the group then restarts from the newest checkpoint)."""
+    cp_mode: str = "dsp"
+    """How context parallelism splits the tokens: dsp (Dynamic Sequence Parallelism: each rank holds whole frames,
+    balanced by tokens, so spatial and cross-attention, MLP and modulation need no communication; one all-to-all
+    per block moves the hidden states to whole temporal columns for temporal attention and one moves them back;
+    a frame larger than its share makes the ranks unequal, the shorter ones padded, as `stdit plan` reports) |
+    ulysses (a contiguous slice per rank, all-to-alls trading it for a head slice around every attention kernel:
+    >= 5x the bytes; heads must divide by parallel.tp * parallel.cp). model.attention=full always runs ulysses."""
 
 
 @dataclass

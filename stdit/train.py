@@ -25,7 +25,6 @@ from tqdm import tqdm
 
 from parallel.checkpoint import has_full, latest, load_weights
 from parallel.checkpointer import Checkpointer
-from parallel.context import local_tokens
 from parallel.dims import launch_env
 from parallel.engine import build_engine
 from stdit.autoencoder import load_vae
@@ -45,7 +44,7 @@ from stdit.models.stdit import build_model
 from stdit.models.text import TextEncoder
 from stdit.ops import resolve_backend
 from stdit.packing import to_device
-from stdit.parallelize import apply_compile, cp_slice, model_inputs, parallelize_stdit, plain_name
+from stdit.parallelize import apply_compile, cp_cut, cp_mode, model_inputs, parallelize_stdit, plain_name
 
 
 def lr_lambda(cfg: Config):
@@ -77,7 +76,8 @@ class Trainer:
         self.dims = validate_layout(cfg, world)  # before any process-group work
         self.is_main = rank == 0
         self.device = resolve_device(cfg.run.device)
-        resolve_backend(cfg.model.attention_backend, self.device)  # fail now, not in the first forward
+        for backend in (cfg.model.attention_backend, cfg.model.temporal_attention_backend):
+            resolve_backend(backend, self.device)  # fail now, not in the first forward
         self.run_dir = Path(cfg.run.dir)
         config_yaml = to_yaml(cfg)
         self.checkpointer = Checkpointer(self.run_dir, self.dims, cfg.checkpoint.keep, config_yaml,
@@ -147,7 +147,7 @@ class Trainer:
         return find_source(c.init_from, c.init_weights, (rank, world))
 
     def parallelize(self, model: torch.nn.Module) -> torch.nn.Module:
-        return parallelize_stdit(model, self.dims)
+        return parallelize_stdit(model, self.dims, cp_mode(self.cfg))
 
     def architecture_keys(self) -> list[str]:
         """Config keys a resume must not change (compared with the checkpoint's config.yaml, named on mismatch)."""
@@ -226,11 +226,10 @@ class Trainer:
     def device_item(self, batch, draws) -> tuple:
         """A packed micro-batch on the device as this cp rank's engine item; the host never waits for the device
         here (non-blocking copies, noise drawn on the device), so it can queue micro-batch after micro-batch."""
-        rank, size = self.dims.rank("cp"), self.dims.cp
+        mine, view = cp_cut(batch, self.dims.rank("cp"), self.dims.cp, cp_mode(self.cfg), self.device)  # host-side
         batch = batch.to(self.device)
+        view = batch if view is None else view  # cp = 1: the whole batch
         x_t, t_frame, target = noisy_inputs(batch, draws)
-        mine = local_tokens(batch.tokens.shape[0], rank, size)
-        view = cp_slice(batch, rank, size)
         inputs = model_inputs(x_t[mine], t_frame, view, self.dims.pp > 1)
         return inputs, (target[mine], view.loss_mask.float())
 

@@ -126,14 +126,18 @@ def test_reference_many_tiny_segments_matches_loop():
 
 
 def test_resolve_backend_on_cpu():
-    assert available_backends("cpu") == ["reference"]
+    assert available_backends("cpu") == ["dense", "reference"]
     assert resolve_backend("auto", "cpu") == "reference"
     assert resolve_backend("auto", torch.device("cpu"), torch.bfloat16) == "reference"
+    assert resolve_backend("auto", "cpu", torch.float32, kind="temporal") == "dense"  # per kind
+    assert resolve_backend("auto", "cpu", torch.float32, kind="spatial") == "reference"
+    assert resolve_backend("reference", "cpu", kind="temporal") == "reference"  # a named one is what it says
     assert resolve_backend("reference", "cpu") == "reference"
+    assert resolve_backend("dense", "cpu") == "dense"
     for name in ("flash_attn", "torch_varlen"):
         with pytest.raises(ValueError, match="model.attention_backend") as e:
             resolve_backend(name, "cpu")
-        assert "Available here: ['reference']" in str(e.value)
+        assert "Available here: ['dense', 'reference']" in str(e.value)
     with pytest.raises(ValueError, match="model.attention_backend") as e:
         resolve_backend("xformers", "cpu")
     assert all(b in str(e.value) for b in BACKENDS)
@@ -163,6 +167,104 @@ def test_fp32_casting_with_a_fake_fast_backend(monkeypatch):
     assert seen.pop()[0] == torch.float16
     assert varlen_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), *args).dtype == torch.bfloat16
     assert seen.pop()[0] == torch.bfloat16
+
+
+# ----------------------------------------------------------------------------------------------------------
+# dense: runs of equal segments as batched SDPA, against the reference kernel
+# ----------------------------------------------------------------------------------------------------------
+
+def dense_backend(q, k, v, len_q, len_k, causal=False, runs=True, **kw):
+    """The dense backend, with the runs given host-side (as packing gives them) or read from cu_seqlens."""
+    given = attn_mod.length_runs(len_q, len_k) if runs else None
+    return varlen_attention(q, k, v, cu(len_q).to(q.device), cu(len_k).to(q.device), max(len_q), max(len_k),
+                            causal=causal, backend="dense", runs=given, **kw)
+
+
+TEMPORAL_LENS = [1] * 6 + [5] * 40 + [9] * 30 + [17] * 12  # columns sorted by frame count, as packing lays them
+
+
+@pytest.mark.parametrize("lens", [SELF_LENS, TEMPORAL_LENS])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("runs", [True, False])
+def test_dense_matches_reference_forward_and_backward(lens, causal, runs):
+    q, k, v = qkv(lens, lens, grad=True)
+    w = torch.randn(q.shape, dtype=q.dtype)
+    out = dense_backend(q, k, v, lens, lens, causal, runs)
+    want = ref(q, k, v, lens, lens, causal)
+    torch.testing.assert_close(out, want, **TOL[torch.float64])
+    for g, e in zip(torch.autograd.grad((out * w).sum(), (q, k, v)), torch.autograd.grad((want * w).sum(), (q, k, v))):
+        torch.testing.assert_close(g, e, **TOL[torch.float64])
+
+
+def test_dense_cross_attention_and_empty_segments():
+    len_q, len_k = [6, 1, 0, 9, 6, 4, 3], [3, 5, 2, 3, 3, 1, 0]  # a query segment without keys gets output 0
+    q, k, v = qkv(len_q, len_k, grad=True)
+    out = dense_backend(q, k, v, len_q, len_k)
+    torch.testing.assert_close(out, ref(q, k, v, len_q, len_k), **TOL[torch.float64])
+    assert not out[-3:].any()
+    grads = torch.autograd.grad(out.pow(2).sum(), (q, k, v))
+    want = torch.autograd.grad(ref(q, k, v, len_q, len_k).pow(2).sum(), (q, k, v))
+    for g, e in zip(grads, want):
+        torch.testing.assert_close(g, e, **TOL[torch.float64])
+    with pytest.raises(ValueError, match="runs cover"):  # runs that do not describe q, k
+        varlen_attention(q, k, v, cu(len_q), cu(len_k), 9, 5, backend="dense", runs=torch.tensor([[6, 3, 1]]))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_dense_under_bf16_autocast_matches_reference(causal):
+    lens = TEMPORAL_LENS
+    q, k, v = qkv(lens, lens, torch.float32, grad=True)
+    w = torch.randn(q.shape)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = dense_backend(q, k, v, lens, lens, causal)
+        want = ref(q, k, v, lens, lens, causal)
+    assert out.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(out, want, atol=1e-2, rtol=1e-2)
+    exact = dense(q, k, v, lens, lens, causal)  # fp32, no autocast: within bf16 round-off of it
+    torch.testing.assert_close(out, exact, atol=3e-2, rtol=3e-2)
+    for g, e in zip(torch.autograd.grad((out * w).sum(), (q, k, v)), torch.autograd.grad((want * w).sum(), (q, k, v))):
+        torch.testing.assert_close(g, e, atol=3e-2, rtol=3e-2)
+
+
+def test_dense_with_runs_never_reads_the_boundaries():
+    """Given the runs, dense reads nothing of cu_seqlens: here they live on the meta device, where any read (a
+    device->host copy on GPU) would fail. auto takes dense for temporal attention only, and only with runs."""
+    lens = TEMPORAL_LENS
+    q, k, v = qkv(lens, lens, torch.float32)
+    meta = cu(lens).to("meta")
+    runs = attn_mod.length_runs(lens)
+    out = varlen_attention(q, k, v, meta, meta, 17, 17, causal=True, runs=runs, kind="temporal")  # auto
+    torch.testing.assert_close(out, ref(q, k, v, lens, lens, causal=True), **TOL[torch.float32])
+    with pytest.raises(Exception):  # spatial's auto is the reference kernel, which groups on the host
+        varlen_attention(q, k, v, meta, meta, 17, 17, runs=runs, kind="spatial")
+    assert attn_mod.length_runs([3, 3, 1, 3], [2, 2, 2, 2]).tolist() == [[3, 2, 2], [1, 2, 1], [3, 2, 1]]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("causal", [False, True])
+def test_dense_on_gpu_matches_the_varlen_kernels_without_a_sync(causal):
+    """Temporal shapes in bf16: dense against every varlen backend here, and no device->host sync with runs."""
+    lens = TEMPORAL_LENS
+    q, k, v = qkv(lens, lens, torch.float32, "cuda", grad=True)
+    want = ref(q, k, v, lens, lens, causal)
+    w = torch.randn_like(want)
+    want_grads = torch.autograd.grad((want * w).sum(), (q, k, v))
+    qb, kb, vb = (t.detach().bfloat16().requires_grad_() for t in (q, k, v))
+    c, runs = cu(lens).cuda(), attn_mod.length_runs(lens)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = varlen_attention(qb, kb, vb, c, c, max(lens), max(lens), causal=causal, runs=runs, kind="temporal")
+        grads = torch.autograd.grad((out.float() * w).sum(), (qb, kb, vb))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.testing.assert_close(out.float(), want, atol=2e-2, rtol=2e-2)
+    for g, e in zip(grads, want_grads):
+        torch.testing.assert_close(g.float(), e, atol=8e-2, rtol=5e-2)
+    for name in [b for b in available_backends("cuda") if b not in ("dense", "reference")]:
+        other = varlen_attention(qb, kb, vb, c, c, max(lens), max(lens), causal=causal, backend=name)
+        torch.testing.assert_close(out.float(), other.float(), atol=2e-2, rtol=2e-2, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.gpu
@@ -199,6 +301,15 @@ def test_fast_backends_match_reference(causal, cross):
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 def test_auto_on_gpu():
-    fast = [b for b in available_backends("cuda") if b != "reference"]
+    fast = [b for b in available_backends("cuda") if b not in ("dense", "reference")]
     assert resolve_backend("auto", "cuda", torch.float32) == "reference"
     assert resolve_backend("auto", "cuda", torch.bfloat16) == (fast[0] if fast else "reference")
+    assert resolve_backend("auto", "cuda", torch.bfloat16, kind="temporal") == "dense"
+
+
+def test_backend_keys_are_checked_by_name():
+    from stdit.config import ConfigError, load_config
+    for key in ("model.attention_backend", "model.temporal_attention_backend"):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_config(None, [f"{key}=cudnn"])
+        assert load_config(None, [f"{key}=dense"]) is not None

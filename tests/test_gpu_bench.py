@@ -22,4 +22,7 @@ def test_gpu_bench_tiny_prints_every_figure():
     assert float(next(r for r in rows if r["bench"] == "packed_vs_dense")["ratio"]) > 0
     kinds = {r["kind"] for r in rows if r["bench"] == "attention"}
     assert kinds == {"spatial", "temporal", "full", "cross"}
-    assert next(r for r in rows if r["bench"] == "setup")["backends"] == "reference"
+    assert next(r for r in rows if r["bench"] == "setup")["backends"] == "dense,reference"
+    assert {r["backend"] for r in steps} == {"auto", "dense", "reference"}
+    assert {(r["kind"], r["backend"]) for r in rows if r["bench"] == "attention"} == \
+        {(k, b) for k in kinds for b in ("dense", "reference")}

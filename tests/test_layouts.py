@@ -27,7 +27,9 @@ FAST = ["model.hidden_size=32", "model.depth=2", "model.num_heads=4", "data.reso
 LAYOUTS = [  # (processes, overrides)
     (2, ["parallel.zero=0"]),                       # dp=2
     (2, ["parallel.tp=2"]),
-    (2, ["parallel.cp=2"]),
+    (2, ["parallel.cp=2"]),                         # DSP (the default for factorized attention)
+    (2, ["parallel.cp=2", "parallel.cp_mode=ulysses"]),
+    (4, ["parallel.cp=4"]),                         # DSP over 4 ranks: frames and columns cut between them
     (2, ["parallel.zero=1"]),
     (2, ["parallel.zero=2"]),
     (2, ["parallel.zero=3"]),
@@ -55,7 +57,8 @@ def test_layout_matches_single_process(reference, nproc, layout, tmp_path):
     attention, ref_losses, ref_model, ref_ema = reference
     if attention == "full" and layout not in FULL_LAYOUTS:
         pytest.skip("full attention differs from factorized only in its segments, which only cp and pp split: "
-                    "it runs on cp=2, pp=2 and tp=2 x cp=2 (the heads Ulysses splits with tp)")
+                    "it runs on cp=2, pp=2 and tp=2 x cp=2 (the heads Ulysses splits with tp; full attention "
+                    "always runs Ulysses)")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
            "-m", "stdit.train", "recipes/tiny.yaml", *FAST, f"model.attention={attention}", f"run.dir={tmp_path}",

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from stdit.data.binpack import first_fit_decreasing
+from stdit.models.attention import VarlenAttention
 from stdit.models.stdit import STDiT
 from stdit.ops import attention as attn_mod
 from stdit.packing import pack, patchify, token_counts, unpack, unpatchify
@@ -68,6 +69,29 @@ def test_segments_describe_frames_positions_and_videos():
     assert sub.frame_time.tolist()[:3] == [0, 4, 5] and sub.coords[0, 0] == 5
 
 
+def _expand(runs):
+    runs = runs.tolist()
+    return [lq for lq, _, n in runs for _ in range(n)], [lk for _, lk, n in runs for _ in range(n)]
+
+
+@pytest.mark.parametrize("pad", [0, 29])
+def test_runs_describe_the_segments_of_every_kind(pad):
+    """The host-side runs (the dense backend's input) say what cu_seqlens say; temporal columns are ordered by
+    frame count, one run per distinct count."""
+    shapes = SHAPES + [(3, 4, 4), (1, 2, 2), (5, 2, 2)]
+    videos = rand_videos(shapes)
+    n = sum(token_counts([v.shape[1:] for v in videos], PATCH))
+    b = pack(videos, _texts(len(shapes)), [8.0] * len(shapes), PATCH, n + pad)
+    for kind in ("spatial", "temporal", "full", "cross"):
+        seg = b.segments(kind)
+        assert seg.kind == kind and seg.runs is b.runs[kind]
+        assert _expand(seg.runs) == (torch.diff(seg.cu_q).tolist(), torch.diff(seg.cu_k).tolist()), kind
+    runs = {kind: r.tolist() for kind, r in b.runs.items()}
+    assert [(lq, count) for lq, _, count in runs["temporal"]] == [(1, 9 + 1), (2, 10), (3, 24 + 4), (5, 8 + 1)]
+    assert len(runs["spatial"]) == len(shapes) - 1 and runs["spatial"][-1] == [1, 1, 1 + 5]  # 1x1 frames merge
+    assert runs["cross"][-1] == ([pad, 1, 1] if pad else [5 * 1, 8, 1])
+
+
 def test_conditioning_frames_leave_the_loss():
     videos = rand_videos(SHAPES[:1])
     b = pack(videos, _texts(1), [8], PATCH, 80, cond_frames=[torch.tensor([True, False, False])])
@@ -111,7 +135,7 @@ def _one_segment_padding(b):
     L, pad = b.tokens.shape[0], b.tokens.shape[0] - b.num_real_tokens
     grow = {cu: torch.cat([getattr(b, cu), torch.tensor([L], dtype=torch.int32)]) for _, cu, _ in SELF_KINDS}
     return dataclasses.replace(b, **grow, **{m: max(getattr(b, m), pad) for _, _, m in SELF_KINDS},
-                               num_real_tokens=L)
+                               num_real_tokens=L, runs=None)
 
 
 def _pair(pad):
@@ -166,6 +190,22 @@ def test_padding_changes_nothing_on_real_tokens(attention):
     out_old, grads_old = _forward_backward(model, _one_segment_padding(padded))
     assert torch.equal(out[:n], out_old[:n])
     assert all(torch.equal(grads[k], grads_old[k]) for k in grads)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_dense_temporal_attention_changes_nothing(causal):
+    """auto runs temporal attention on the dense backend (its runs from packing); the reference kernel on every
+    kind gives the same outputs and gradients."""
+    model = randomize(STDiT(tiny_model_cfg(depth=2, temporal_causal=causal), 16)).double()
+    _, b = _pair(pad=37)
+    got = _forward_backward(model, b)
+    for m in model.modules():
+        if isinstance(m, VarlenAttention):
+            m.backend = "reference"
+    want = _forward_backward(model, b)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=1e-12)
+    for k in got[1]:
+        torch.testing.assert_close(got[1][k], want[1][k], rtol=1e-12, atol=1e-12)
 
 
 def test_reference_kernel_does_no_work_on_padding(monkeypatch):

@@ -1,5 +1,6 @@
 """Multi-process (gloo, CPU) checks of the parallel building blocks against the unsharded model:
-megatron-core tensor-parallel layers, Ulysses context parallelism, and both together."""
+megatron-core tensor-parallel layers, context parallelism (Ulysses for full attention, DSP for factorized; both
+modes alone in test_dsp.py), and both together."""
 import os
 
 import pytest
@@ -8,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import free_port, rand_videos, randomize, tiny_model_cfg
 
-from stdit.config import Config, ConfigError, validate_layout
+from stdit.config import Config, ConfigError, load_config, validate_layout
 from stdit.models.stdit import STDiT
 from stdit.packing import pack, token_counts
 
@@ -29,7 +30,7 @@ def _batch():
 def _worker(rank, world, port, tp, cp, attention):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     from parallel.dims import ParallelDims
-    from stdit.parallelize import cp_slice, parallelize_stdit
+    from stdit.parallelize import cp_cut, cp_mode, parallelize_stdit
 
     cfg = Config()
     cfg.model = tiny_model_cfg(attention=attention, num_heads=4, hidden_size=32)
@@ -41,21 +42,23 @@ def _worker(rank, world, port, tp, cp, attention):
     torch.manual_seed(0)
     ref = randomize(STDiT(cfg.model, TEXT_DIM), std=0.1)
     torch.manual_seed(0)  # the same full weights; every rank keeps its shard
-    model = parallelize_stdit(randomize(STDiT(cfg.model, TEXT_DIM), std=0.1), dims)
+    model = parallelize_stdit(randomize(STDiT(cfg.model, TEXT_DIM), std=0.1), dims, cp_mode(cfg))
     batch, t = _batch()
     w = torch.randn(batch.tokens.shape[0], batch.tokens.shape[1], generator=torch.Generator().manual_seed(1))
+    w[batch.num_real_tokens:] = 0  # the padding is out of the loss (DSP holds none of it)
 
     out_ref = ref(batch.tokens, t, batch)
     (out_ref * w).sum().backward()
 
-    cp_rank = dims.rank("cp")
-    local = cp_slice(batch, cp_rank, cp)
-    L = batch.tokens.shape[0] // cp
-    out = model(local.tokens, t, local)
-    (out * w[cp_rank * L:(cp_rank + 1) * L]).sum().backward()
+    rows, local = cp_cut(batch, dims.rank("cp"), cp, cp_mode(cfg), "cpu")
+    real = torch.ones(batch.tokens[rows].shape[0], dtype=torch.bool)
+    if cp_mode(cfg) == "dsp":  # DSP pads a rank's frames with copies of a row, out of the loss: not compared
+        real = torch.arange(len(real)) < local.num_real_tokens
+    out = model(batch.tokens[rows], t, local)
+    (out * w[rows] * real[:, None]).sum().backward()
 
-    # outputs: the local slice equals the reference
-    torch.testing.assert_close(out, out_ref[cp_rank * L:(cp_rank + 1) * L], rtol=1e-5, atol=1e-5)
+    # outputs: the local rows equal the reference
+    torch.testing.assert_close(out[real], out_ref[rows][real], rtol=1e-5, atol=1e-5)
     # gradients: summed over the cp group; a tensor-parallel shard equals its slice of the reference grad
     ref_params = dict(ref.named_parameters())
     tp_rank = dims.rank("tp")
@@ -83,7 +86,7 @@ def test_sharded_model_matches_unsharded(tp, cp, attention):
 
 @pytest.mark.parametrize("overrides,keys", [
     (dict(tp=3), "parallel.tp"),
-    (dict(tp=2, cp=4), "model.num_heads"),
+    (dict(tp=2, cp=4, cp_mode="ulysses"), "model.num_heads"),  # Ulysses splits heads over tp x cp; DSP does not
     (dict(pp=2, zero=2), "parallel.zero"),
     (dict(pp=5), "parallel.pp"),
 ])
@@ -94,3 +97,14 @@ def test_layouts_that_do_not_divide_fail_naming_keys(overrides, keys):
         setattr(cfg.parallel, k, v)
     with pytest.raises(ConfigError, match=keys.replace(".", r"\.")):
         validate_layout(cfg, world_size=8 if "tp" in overrides and overrides.get("cp") else 4)
+
+
+def test_cp_mode_is_checked_and_dsp_does_not_split_heads():
+    with pytest.raises(ConfigError, match=r"parallel\.cp_mode"):
+        load_config("recipes/tiny.yaml", ["parallel.cp_mode=ring"])
+    cfg = Config()
+    cfg.model.num_heads, cfg.model.depth, cfg.parallel.tp, cfg.parallel.cp = 4, 4, 2, 4
+    assert validate_layout(cfg, world_size=8).cp == 4  # DSP: heads divide by tp only
+    cfg.model.attention = "full"  # full attention always runs Ulysses
+    with pytest.raises(ConfigError, match=r"model\.num_heads.*Ulysses"):
+        validate_layout(cfg, world_size=8)

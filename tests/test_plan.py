@@ -6,8 +6,9 @@ What is compared on the tiny recipe (one CPU process, fp32):
   against weights + gradients + optimizer + ema of the estimate (agree to 0.1%);
 - activations: bytes of the distinct storages autograd keeps for backward during the model's forward over one
   micro-batch packed from the recipe's own data (saved-tensor hooks), against the estimated activations, for each
-  recomputation mode and both attention kinds (within 10%). Peak RSS is not compared: glibc keeps freed memory
-  and backward's transient gradient buffers are not part of the activation formula."""
+  recomputation mode and both attention kinds (within 10%); and one block's under bf16 autocast, as on the GPU.
+  Peak RSS is not compared: glibc keeps freed memory and backward's transient gradient buffers are not part of the
+  activation formula."""
 import json
 import math
 
@@ -23,7 +24,7 @@ from stdit.flops import forward_flops
 from stdit.models.stdit import build_model
 from stdit.models.text import TextEncoder
 from stdit.packing import pack
-from stdit.estimate import HEADROOM, Estimator
+from stdit.estimate import HEADROOM, Estimator, block_activations, kernel_backends
 
 GIB = 2 ** 30
 
@@ -76,6 +77,17 @@ def test_tiny_state_matches_the_trainer(tmp_path):
 def test_tiny_activations_match_what_autograd_keeps(mode, attention):
     cfg = load_config("recipes/tiny.yaml", [f"model.activation_checkpointing={mode}", f"model.attention={attention}",
                                             "model.hidden_size=128", "model.depth=3"])
+    batch, text_dim = recipe_batch(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, text_dim)
+    t = torch.rand(batch.frame_sample.shape[0])
+    kept, _ = saved_bytes(lambda: model(batch.tokens, t, batch))
+    planned = Estimator(cfg, "cpu").memory(ParallelDims(1))["parts"]["activations"]
+    assert planned == pytest.approx(kept, rel=0.10), f"planned {planned / 2**20:.1f} MiB, kept {kept / 2**20:.1f} MiB"
+
+
+def recipe_batch(cfg):
+    """One micro-batch packed from the recipe's own samples and captions, and the text width."""
     text = TextEncoder.from_config(cfg.text)
     dataset = build_dataset(cfg.data, cfg.run.seed)
     videos, captions, fps, tokens = [], [], [], 0
@@ -84,14 +96,43 @@ def test_tiny_activations_match_what_autograd_keeps(mode, attention):
         n = math.prod(d // p for d, p in zip(s.video.shape[1:], cfg.model.patch_size))
         if tokens + n <= cfg.data.token_budget:
             videos, captions, fps, tokens = videos + [s.video], captions + [s.caption], fps + [s.fps], tokens + n
-    batch = pack(videos, text.encode(captions), fps, cfg.model.patch_size, cfg.data.token_budget)
     assert tokens > 0.9 * cfg.data.token_budget
+    return pack(videos, text.encode(captions), fps, cfg.model.patch_size, cfg.data.token_budget), text.dim
+
+
+@pytest.mark.parametrize("mode, attention", [("none", "factorized"), ("selective", "factorized"),
+                                             ("full", "factorized"), ("none", "full"), ("selective", "full")])
+def test_block_activations_match_what_autograd_keeps_under_bf16_autocast(mode, attention):
+    """One block's forward under CPU bf16 autocast (the GPU's compute dtype; CPU autocast keeps LayerNorm in bf16,
+    which block_activations' bf16 precision models): bytes of the distinct storages autograd keeps, without the
+    block's bf16 weight copies (per parameter, not per token) and the inputs all blocks share, against the
+    estimate (within 10%)."""
+    cfg = load_config("recipes/tiny.yaml", [f"model.activation_checkpointing={mode}", f"model.attention={attention}",
+                                            "model.hidden_size=128", "model.depth=1"])
+    batch, text_dim = recipe_batch(cfg)
     torch.manual_seed(0)
-    model = build_model(cfg.model, text.dim)
-    t = torch.rand(batch.frame_sample.shape[0])
-    kept, _ = saved_bytes(lambda: model(batch.tokens, t, batch))
-    planned = Estimator(cfg, "cpu").memory(ParallelDims(1))["parts"]["activations"]
-    assert planned == pytest.approx(kept, rel=0.10), f"planned {planned / 2**20:.1f} MiB, kept {kept / 2**20:.1f} MiB"
+    model = build_model(cfg.model, text_dim)
+    block = model.blocks[0]
+    weights = {tuple(p.shape) for p in block.parameters()}
+    seen = {}
+
+    def keep(t):
+        if tuple(t.shape) not in weights and t.untyped_storage().data_ptr() not in shared:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x, _, frame_mod, text, rope = model.embed(batch.tokens, torch.rand(batch.frame_sample.shape[0]), batch)
+        # per-frame modulation and RoPE tables: every block's inputs, kept once per model (not per block)
+        shared = {t.untyped_storage().data_ptr() for t in (frame_mod, *(t for cs in rope.values() for t in cs))}
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            block(x, frame_mod, text, rope, batch)
+    kept = sum(seen.values())
+    backend, temporal = kernel_backends(cfg.model, "cpu")
+    per_token, per_text = block_activations(cfg, 1, backend, mode, "bf16", temporal)
+    h, L, S = cfg.model.hidden_size, batch.tokens.shape[0], batch.text.shape[0]
+    planned = (per_token * L + per_text * S) * h
+    assert planned == pytest.approx(kept, rel=0.10), \
+        f"planned {planned / (L * h):.1f}, kept {kept / (L * h):.1f} bytes per token and hidden unit"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -123,8 +164,9 @@ def split_block_params(h, heads, r, tp):
 
 def expected_memory(cfg, lay: ParallelDims, outside_params: int) -> float:
     """ZeRO paper state (bf16 weights and grads, 12 bytes of fp32 master + Adam) + fp32 EMA + Korthikanti-style
-    activations of the factorized block with flash attention (19 + (30 + 2 (r - 4)) / tp elements per token
-    per block; selective 19 + 27 / tp ...; full 1 kept + one block recomputed), bf16, in bytes."""
+    activations of the factorized block under CUDA bf16 autocast, flash attention for spatial and cross, dense for
+    temporal: 44 + (84 + 4 (r - 4)) / tp bytes per token and hidden unit per block (selective 44 + (78 + ...) / tp;
+    full 2 kept + one block recomputed), in bytes."""
     m, h = cfg.model, cfg.model.hidden_size
     blocks = math.ceil(m.depth / lay.pp)
     block = split_block_params(h, m.num_heads, m.mlp_ratio, lay.tp)
@@ -136,16 +178,21 @@ def expected_memory(cfg, lay: ParallelDims, outside_params: int) -> float:
     state = 2 * psi / (n if lay.zero >= 3 else 1) + 2 * psi / (n if lay.zero >= 2 else 1) \
         + 12 * psi / (n if lay.zero >= 1 else 1) + 4 * psi / (n if lay.zero >= 3 else 1)
     r = m.mlp_ratio
-    none_tok, none_text = 19 + (2 * 9 + 4 + 2 * r) / lay.tp, 1 + 3 / lay.tp
-    per_tok, per_text = {"none": (none_tok, none_text), "selective": (19 + (2 * 8 + 3 + 2 * r) / lay.tp, none_text),
-                         "full": (1, 0)}[m.activation_checkpointing]
+    # bytes per token and hidden unit: bf16 tensors (2) + fp32 copies of LayerNorm inputs (+2 each, 3 LayerNorms)
+    # and of QK-norm inputs (4 each: spatial q, k; temporal q, k; cross q; per text token k)
+    replicated = 2 * (6 + 6 + 1 + 6) + 3 * 2
+    none_tok = replicated + (2 * (6 + 3) + 2 * (6 + 4) + 2 * (3 + 2) + 2 * 2 * r + 5 * 4) / lay.tp
+    sel_tok = replicated + (2 * (6 + 2) + 2 * (6 + 3) + 2 * (3 + 1) + 2 * 2 * r + 5 * 4) / lay.tp
+    none_text = 2 + (2 * (3 + 1) + 4) / lay.tp
+    per_tok, per_text = {"none": (none_tok, none_text), "selective": (sel_tok, none_text),
+                         "full": (2, 0)}[m.activation_checkpointing]
     tokens = cfg.data.token_budget / lay.cp
     mean = sum(math.prod(g) for g in latent_grids(cfg)) / len(latent_grids(cfg))
     text = max(1.0, cfg.data.token_budget / mean) * cfg.text.max_length / lay.cp
-    act = lay.pp * blocks * (per_tok * tokens + per_text * text) * h * 2
+    act = lay.pp * blocks * (per_tok * tokens + per_text * text) * h
     act += 5 * tokens * h * 2 + tokens * (h // m.num_heads + 2 * m.num_heads / lay.tp) * 4
     if m.activation_checkpointing == "full":
-        act += (none_tok * tokens + none_text * text) * h * 2
+        act += (none_tok * tokens + none_text * text) * h
     return state + act
 
 

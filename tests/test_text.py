@@ -62,6 +62,26 @@ def test_batch_equals_one_by_one_and_cache_is_safe(kind_and_encoder):
     torch.testing.assert_close(single.encode([CAPS[0]])[0], batch[0], rtol=1e-5, atol=1e-5)
 
 
+def test_a_step_of_captions_is_one_batched_forward(kind_and_encoder):
+    """New captions go through the encoder BATCH at a time, padded and masked: each embedding equals the caption
+    encoded alone without padding (to round-off) and, bit for bit, the same caption in any other company."""
+    kind, _ = kind_and_encoder
+    caps = [f"a {c} {s} moving {d}" for c, s, d in zip(["red", "blue", "green", "cyan", "white"] * 3,
+                                                      ["square", "circle", "triangle"] * 5, ["left", "up"] * 8)]
+    caps = list(dict.fromkeys(caps + CAPS))  # 16 distinct captions of several lengths, "" among them
+    enc = small(kind)
+    calls = []
+    enc.model.register_forward_hook(lambda m, args, kw, out: calls.append(kw["input_ids"].shape), with_kwargs=True)
+    got = enc.encode(caps + caps[:3])  # repeats in one call are encoded once
+    assert len(calls) == -(-len(caps) // enc.BATCH) and all(c == (enc.BATCH, enc.max_length) for c in calls)
+    alone = small(kind)
+    for c, e in zip(caps + caps[:3], got):
+        assert torch.equal(alone.encode([c])[0], e), c  # another company: the caption alone in its batch
+        tok = alone.tokenizer([c], truncation=True, max_length=alone.max_length, return_tensors="pt")
+        unpadded = alone.model(**tok).last_hidden_state[0]
+        torch.testing.assert_close(e, unpadded, rtol=1e-5, atol=1e-5)
+
+
 def test_cache_is_bounded():
     enc = small("t5", cache_elements=32 * 20)
     ref = small("t5").encode(CAPS)

@@ -43,7 +43,7 @@ class VarlenAttention(nn.Module):
 
     def _kernel(self, q, k, v, seg: Segments) -> torch.Tensor:
         return varlen_attention(q, k, v, seg.cu_q, seg.cu_k, seg.max_q, seg.max_k, causal=seg.causal,
-                                backend=self.backend)
+                                backend=self.backend, runs=seg.runs, kind=seg.kind)
 
 
 class SelfAttention(nn.Module):

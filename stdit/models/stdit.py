@@ -31,7 +31,7 @@ class STDiTBlock(nn.Module):
     """Spatial (or full) attention, temporal attention, cross-attention, MLP with adaLN-single modulation."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, factorized: bool, temporal_causal: bool,
-                 qk_norm: bool, backend: str, checkpointing: str = "none"):
+                 qk_norm: bool, backend: str, checkpointing: str = "none", temporal_backend: str | None = None):
         super().__init__()
         self.factorized, self.temporal_causal = factorized, temporal_causal
         self.full_recompute = checkpointing == "full"
@@ -40,7 +40,7 @@ class STDiTBlock(nn.Module):
         self.spatial_attn = SelfAttention(hidden_size, num_heads, qk_norm, backend, recompute)
         if factorized:
             self.norm_t = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-            self.temporal_attn = SelfAttention(hidden_size, num_heads, qk_norm, backend, recompute)
+            self.temporal_attn = SelfAttention(hidden_size, num_heads, qk_norm, temporal_backend or backend, recompute)
         self.cross_attn = CrossAttention(hidden_size, num_heads, qk_norm, backend, recompute)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
@@ -61,13 +61,18 @@ class STDiTBlock(nn.Module):
         x = x + gate_msa * self.spatial_attn(modulate(self.norm1(x).to(x.dtype), shift_msa, scale_msa), rope[kind],
                                              batch.segments(kind))
         if self.factorized:
-            shift_tmp, scale_tmp, gate_tmp = p(6), p(7), p(8)
-            seg = batch.segments("temporal", causal=self.temporal_causal)
-            x = x + gate_tmp * self.temporal_attn(modulate(self.norm_t(x).to(x.dtype), shift_tmp, scale_tmp),
-                                                  rope["temporal"], seg)
+            x = x + self.temporal_branch(x, frame_mod, rope["temporal"], batch)
         x = x + self.cross_attn(x, text, batch.segments("cross"))
         shift_mlp, scale_mlp, gate_mlp = p(3), p(4), p(5)
         return x + gate_mlp * self.mlp(modulate(self.norm2(x).to(x.dtype), shift_mlp, scale_mlp))
+
+    def temporal_branch(self, x, frame_mod, rope, batch: PackedBatch):
+        """The temporal sub-block's gated update. A method of its own: context parallelism (DSP) runs it on
+        another token layout, whole temporal columns, by wrapping it from outside."""
+        p = lambda i: frame_param(frame_mod, self.scale_shift_table, i, batch.token_frame)  # noqa: E731
+        shift_tmp, scale_tmp, gate_tmp = p(6), p(7), p(8)
+        seg = batch.segments("temporal", causal=self.temporal_causal)
+        return gate_tmp * self.temporal_attn(modulate(self.norm_t(x).to(x.dtype), shift_tmp, scale_tmp), rope, seg)
 
 
 class FinalLayer(nn.Module):
@@ -106,9 +111,10 @@ class STDiT(nn.Module):
         self.num_mod = 9 if factorized else 6
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(h, self.num_mod * h))  # adaLN-single, shared by blocks
         self.y_embedder = Mlp(text_dim, h, h)
+        temporal = cfg.attention_backend if cfg.temporal_attention_backend == "auto" else cfg.temporal_attention_backend
         self.blocks = nn.ModuleList([
             STDiTBlock(h, cfg.num_heads, cfg.mlp_ratio, factorized, cfg.temporal_causal, cfg.qk_norm,
-                       cfg.attention_backend, cfg.activation_checkpointing)
+                       cfg.attention_backend, cfg.activation_checkpointing, temporal)
             for _ in range(cfg.depth)
         ])
         self.final_layer = FinalLayer(h, patch_dim)

@@ -72,6 +72,8 @@ def _random_model(kind: str, hidden_size, num_layers, num_heads, ff_size, max_le
 class TextEncoder(nn.Module):
     """Frozen caption encoder: T5 encoder or CLIP text model, from a local path or built with seeded random weights."""
 
+    BATCH = 8  # captions per encoder forward (a fixed shape: see _embed)
+
     def __init__(self, kind: str = "t5", path: str | None = None, hidden_size: int = 64, num_layers: int = 2,
                  num_heads: int = 4, ff_size: int = 128, max_length: int = 64, seed: int = 0,
                  cache_elements: int = 2 ** 25, tokenizer: str = "byte", position_bias_scale: float = 1.0):
@@ -135,11 +137,19 @@ class TextEncoder(nn.Module):
 
     @torch.no_grad()
     def _embed(self, captions: list[str]) -> list[torch.Tensor]:
-        """One forward pass; padding positions are dropped with the attention mask."""
-        tok = self.tokenizer(captions, padding=True, truncation=True, max_length=self.max_length,
-                             return_tensors="pt").to(self.device)
-        hidden = self.model(input_ids=tok.input_ids, attention_mask=tok.attention_mask).last_hidden_state
-        return [h[m] for h, m in zip(hidden.float(), tok.attention_mask.bool())]
+        """Forward passes of one fixed shape [BATCH, max_length]: captions padded to max_length (the attention mask
+        hides the padding, which is dropped from the result), a short batch filled with empty captions. The same
+        shape runs the same kernels for every row, so a caption's embedding never depends on its company (padding
+        to the longest caption of a batch would change its floating-point result slightly, and a resumed run,
+        whose cache starts empty, would drift from an uninterrupted one)."""
+        out = []
+        for i in range(0, len(captions), self.BATCH):
+            chunk = captions[i:i + self.BATCH]
+            tok = self.tokenizer(chunk + [""] * (self.BATCH - len(chunk)), padding="max_length", truncation=True,
+                                 max_length=self.max_length, return_tensors="pt").to(self.device)
+            hidden = self.model(input_ids=tok.input_ids, attention_mask=tok.attention_mask).last_hidden_state
+            out += [h[m] for h, m in zip(hidden.float(), tok.attention_mask.bool())][:len(chunk)]
+        return out
 
     @torch.no_grad()
     def encode(self, captions: list[str]) -> list[torch.Tensor]:
@@ -151,13 +161,12 @@ class TextEncoder(nn.Module):
         for c in dict.fromkeys(captions):
             if c in self._cache:
                 found[c] = self._cache[c] = self._cache.pop(c)  # move to the most recently used end
-        # one caption per forward pass: batching would pad each caption to its batch's longest, and the padded
-        # shapes change the floating-point result slightly, so a caption's embedding would depend on which
-        # captions were new alongside it (a resumed run would drift from an uninterrupted one). For
-        # throughput, cache the embeddings once (`stdit data cache`).
-        for c in sorted(c for c in dict.fromkeys(captions) if c not in found):
-            found[c] = self._embed([c])[0]
-            self._remember(c, found[c])
+        # the new captions in batched forward passes of one fixed shape (see _embed); for throughput at scale,
+        # cache the embeddings once (`stdit data cache`)
+        new = sorted(c for c in dict.fromkeys(captions) if c not in found)
+        for c, emb in zip(new, self._embed(new)):
+            found[c] = emb
+            self._remember(c, emb)
         return [found[c].clone() for c in captions]
 
     def _remember(self, caption: str, emb: torch.Tensor) -> None:

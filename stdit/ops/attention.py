@@ -5,20 +5,31 @@ segment i of q attends only to segment i of k. Backends, fastest first:
 
 * flash_attn   - `flash_attn.flash_attn_varlen_func` (CUDA, fp16/bf16)
 * torch_varlen - `torch.nn.attention.varlen.varlen_attn` (CUDA, fp16/bf16, newer torch)
-* reference    - plain torch SDPA over segments grouped by length; any device and dtype, exact
+* dense        - segments as runs of equal length, one batched SDPA on [count, H, len, D] views per run; any
+                 device and dtype. The runs come host-side with the batch (packing computes them), so the step
+                 reads nothing back from the device; without them they are read from cu_seqlens (a device sync)
+* reference    - plain torch SDPA over segments grouped by length (found on the host: a device sync); any device
+                 and dtype, exact
 
-"auto" picks the first one that can run on the device with the input dtype.
+"auto" picks, per attention kind, the first one that can run on the device with the input dtype: for temporal
+attention with its runs given, dense (its columns are 1-17 tokens: in a varlen kernel ~1.6% of the useful FLOPs
+but most of the tile work; dense batches each run of equal columns in one SDPA call, which picks its own kernel
+for that fixed shape; benchmarks/gpu_bench.sh times each); for every other kind flash_attn -> torch_varlen ->
+reference.
 """
 from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 import math
 
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("flash_attn", "torch_varlen", "reference")
+BACKENDS = ("flash_attn", "torch_varlen", "dense", "reference")
+LADDER = ("flash_attn", "torch_varlen", "reference")  # auto, for kinds without their own
+KIND_LADDER = {"temporal": ("dense",)}  # auto, for these kinds when the segments come with their runs
 _FAST_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -43,7 +54,7 @@ def _varlen_params(fn) -> frozenset:
 
 def _unavailable(name: str, device: torch.device) -> str | None:
     """Why backend `name` cannot run on `device`, or None if it can."""
-    if name == "reference":
+    if name in ("dense", "reference"):
         return None
     if name == "flash_attn":
         need = "flash-attn needs a CUDA device and the package (pip install 'stdit[flash]')"
@@ -62,12 +73,14 @@ def available_backends(device: torch.device | str) -> list[str]:
     return [b for b in BACKENDS if _unavailable(b, device) is None]
 
 
-def resolve_backend(name: str, device, dtype=None) -> str:
-    """The backend to use: "auto" -> the first available one supporting `dtype`; a named one must be available."""
+def resolve_backend(name: str, device, dtype=None, kind: str | None = None) -> str:
+    """The backend to use: "auto" -> the first available one supporting `dtype` on the ladder of attention `kind`
+    (KIND_LADDER, then LADDER); a named one must be available."""
     device = torch.device(device)
     if name == "auto":
-        for b in available_backends(device):
-            if b == "reference" or dtype is None or dtype in _FAST_DTYPES:
+        for b in KIND_LADDER.get(kind, ()) + LADDER:
+            if _unavailable(b, device) is None and (b in ("dense", "reference") or dtype is None
+                                                    or dtype in _FAST_DTYPES):
                 return b
     if name not in BACKENDS:
         raise ValueError(f"model.attention_backend={name!r} is unknown; set it to auto or one of {list(BACKENDS)}")
@@ -130,12 +143,54 @@ def _reference(q, k, v, cu_q, cu_k, causal, scale):
     return out.index_copy(0, torch.cat(q_idx), torch.cat(outs).to(q.dtype))
 
 
+def length_runs(len_q: list[int], len_k: list[int] | None = None) -> torch.Tensor:
+    """Segments as runs of consecutive segments of equal (len_q, len_k): a CPU long tensor [runs, 3] of rows
+    (len_q, len_k, count). A tensor, not a tuple, so that torch.compile sees a graph input of dynamic size and
+    does not specialise (recompile) on the values, which change every step; kernels read it with .tolist(), a
+    host read of host memory."""
+    runs = []
+    for key, group in itertools.groupby(zip(len_q, len_q if len_k is None else len_k)):
+        runs.append((*key, sum(1 for _ in group)))
+    return torch.tensor(runs, dtype=torch.long).view(-1, 3)
+
+
+def _dense(q, k, v, runs, causal, scale):
+    """Each run of `count` equal segments is one SDPA on [count, H, len, D] views of q, k, v: no gather, no
+    padding, no host read. Outputs follow the segments' order, which is q's row order."""
+    H, D = q.shape[1:]
+    k, v = k.to(q.dtype), v.to(q.dtype)
+    runs = runs.tolist()
+    rows_q, rows_k = [n * lq for lq, _, n in runs], [n * lk for _, lk, n in runs]
+    if sum(rows_q) != q.shape[0] or sum(rows_k) != k.shape[0]:
+        raise ValueError(f"the segments' runs cover {sum(rows_q)} query / {sum(rows_k)} key rows, but q has "
+                         f"{q.shape[0]} and k {k.shape[0]}")
+    outs = []
+    for (lq, lk, n), qs, ks, vs in zip(runs, q.split(rows_q), k.split(rows_k), v.split(rows_k)):
+        if lq == 0:
+            continue
+        if lk == 0:  # a query with no keys gets output 0 (as in the reference kernel)
+            outs.append(qs.new_zeros(qs.shape))
+            continue
+        o = F.scaled_dot_product_attention(*(t.reshape(n, -1, H, D).transpose(1, 2) for t in (qs, ks, vs)),
+                                           is_causal=causal, scale=scale)
+        outs.append(o.transpose(1, 2).reshape(n * lq, H, D))
+    out = torch.cat(outs) if outs else q.new_zeros(q.shape)
+    if not any(lq and lk for lq, lk, _ in runs):  # no SDPA ran: link q, k, v to the output for autograd
+        out = out + (q[:0].sum() + k[:0].sum() + v[:0].sum())
+    return out.to(q.dtype)  # SDPA may have run in an autocast dtype
+
+
 _KERNELS = {"flash_attn": _flash_attn, "torch_varlen": _torch_varlen}
 
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
-                     causal: bool = False, backend: str = "auto", scale: float | None = None) -> torch.Tensor:
-    """Attention of q [Nq, H, D] over k, v [Nk, H, D] within segments given by int32 cu_seqlens [S+1]."""
+                     causal: bool = False, backend: str = "auto", scale: float | None = None,
+                     runs: tuple | None = None, kind: str | None = None) -> torch.Tensor:
+    """Attention of q [Nq, H, D] over k, v [Nk, H, D] within segments given by int32 cu_seqlens [S+1].
+
+    `runs` (optional, host-side): the same segments as runs ((len_q, len_k, count), ...) (length_runs), which the
+    dense backend reads instead of cu_seqlens; `kind` (spatial | temporal | full | cross) picks auto's ladder,
+    and counts only where the runs are given (dense without them would wait for the device)."""
     if cu_seqlens_q.shape != cu_seqlens_k.shape:
         raise ValueError(f"cu_seqlens_q {tuple(cu_seqlens_q.shape)} and cu_seqlens_k {tuple(cu_seqlens_k.shape)} "
                          f"must describe the same number of segments")
@@ -151,7 +206,13 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max
             kernel_dtype = torch.get_autocast_dtype(device.type)
         elif backend != "auto":
             kernel_dtype = torch.bfloat16
-    name = resolve_backend(backend, device, kernel_dtype)
+    name = resolve_backend(backend, device, kernel_dtype, kind if runs is not None else None)
+    if name == "dense":
+        if runs is None:  # one host read of the boundaries (a device sync on GPU)
+            runs = length_runs(cu_seqlens_q.diff().tolist(), cu_seqlens_k.diff().tolist())
+        if causal and bool((runs[:, 0] != runs[:, 1]).any()):
+            raise ValueError("causal varlen attention needs equal q and k segment lengths (self-attention)")
+        return _dense(q, k, v, runs, causal, scale)
     if name == "reference":
         return _reference(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale)
     if kernel_dtype not in _FAST_DTYPES:
