@@ -22,7 +22,7 @@ from stdit.data.synthetic import COLOURS, SHAPES, SyntheticClips  # noqa: E402
 from stdit.diffusion.rectified_flow import sample_generator  # noqa: E402
 from stdit.evaluate import parse_caption  # noqa: E402
 from stdit.generate import load_for_generation  # noqa: E402
-from stdit.packing import pack, unpack  # noqa: E402
+from stdit.packing import pack, token_counts, unpack  # noqa: E402
 
 OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
 ACROSS = {"left": "up", "right": "down", "up": "left", "down": "right"}
@@ -68,7 +68,8 @@ def main() -> None:
             cases = {**variants(s.caption), "reversed": s.caption}
             for name, caption in cases.items():
                 video = s.video.flip(1) if name == "reversed" else s.video
-                batch = pack([video], text_encoder.encode([caption]), [8.0], patch, 10 ** 6)
+                batch = pack([video], text_encoder.encode([caption]), [8.0], patch,
+                             sum(token_counts([video.shape[1:]], patch)))
                 x0 = batch.tokens
                 noise = torch.randn(x0.shape, generator=sample_generator(1, 0, i))
                 x_t = (1 - t) * x0 + t * noise

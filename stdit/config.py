@@ -120,6 +120,8 @@ def validate(cfg: Config) -> None:
     _check(cfg.run.steps >= 1, "run.steps", f"must be >= 1, got {cfg.run.steps}")
     _check(cfg.run.log_every >= 1, "run.log_every", f"must be >= 1, got {cfg.run.log_every}")
     _check(cfg.run.device in ("auto", "cpu", "cuda"), "run.device", f"must be auto, cpu or cuda, got {cfg.run.device!r}")
+    _check(cfg.run.precision in ("auto", "fp32", "bf16"), "run.precision",
+           f"must be auto, fp32 or bf16, got {cfg.run.precision!r}")
     _check(len(m.patch_size) == 3 and all(s >= 1 for s in m.patch_size), "model.patch_size",
            f"must be three positive ints (pt, ph, pw), got {m.patch_size}")
     _check(m.hidden_size >= 1, "model.hidden_size", f"must be >= 1, got {m.hidden_size}")

@@ -27,6 +27,9 @@ class RunConfig:
     """Write a metrics line (and TensorBoard scalars) every this many steps."""
     device: str = "auto"
     """auto | cpu | cuda."""
+    precision: str = "auto"
+    """auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16: the forward under bf16 autocast on any device (on
+    CPU: fp32 weights and optimizer, bf16 matmuls; the CI tier that shows dtype mistakes without a GPU)."""
     samples_at_end: int = 2
     """Videos generated with the EMA weights at the end of training and logged to TensorBoard (0: none)."""
     stage: str = "dit"

@@ -104,8 +104,11 @@ class Trainer:
         optimizer = build_optimizer(model, o)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
         cuda = self.device.type == "cuda"
-        autocast = functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext
-        self.engine = build_engine(model, optimizer, scheduler, self.dims, o.grad_clip, bf16=cuda, autocast=autocast)
+        bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and cuda)
+        autocast = (functools.partial(torch.autocast, self.device.type, dtype=torch.bfloat16) if bf16
+                    else contextlib.nullcontext)
+        self.engine = build_engine(model, optimizer, scheduler, self.dims, o.grad_clip, bf16=bf16 and cuda,
+                                   autocast=autocast)
         names = [self.plain_name(n) for n, _ in self.engine.module.named_parameters()]
         self.checkpointer.attach(self.engine, names)
         self.batches = StepSampler(build_dataset(cfg.data, cfg.run.seed), cfg.data, cfg.run.seed, self.token_grid,

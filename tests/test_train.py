@@ -119,3 +119,27 @@ def test_sigterm_finishes_the_step_saves_and_exits_zero(tmp_path):
     assert "stopped by SIGTERM" in err
     resumed = _train(tmp_path, f"run.steps={last + 1}")
     assert [m["step"] for m in resumed] == [last + 1]
+
+
+def test_bf16_autocast_on_cpu_trains_like_fp32(tmp_path):
+    """run.precision=bf16, the CI tier of the GPU's dtypes: the matmuls run in bf16 under CPU autocast (weights and
+    optimizer stay fp32), the losses stay within a few percent of fp32, and dp=2 with ZeRO-2 (DeepSpeed's engine
+    under the same autocast) follows one process."""
+    import os
+
+    from conftest import free_port, logged_losses
+    fp32 = [m["loss"] for m in _train(tmp_path / "fp32", "run.steps=3")]
+    cfg = load_config("recipes/tiny.yaml", FAST + [f"run.dir={tmp_path / 'bf16'}", "run.steps=3", "run.precision=bf16"])
+    trainer = Trainer(cfg)
+    seen = []
+    fc1 = trainer.engine.module.blocks[0].mlp.fc1
+    fc1.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+    bf16 = [m["loss"] for m in trainer.train()]
+    assert seen and set(seen) == {torch.bfloat16} and fc1.weight.dtype == torch.float32
+    assert all(np.isfinite(bf16)) and np.allclose(bf16, fp32, rtol=0.05), (bf16, fp32)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
+           "-m", "stdit.train", "recipes/tiny.yaml", *FAST, f"run.dir={tmp_path / 'dp2'}", "run.steps=3",
+           "run.precision=bf16", "parallel.zero=2"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert np.allclose(logged_losses(tmp_path / "dp2"), bf16, rtol=0.02), (logged_losses(tmp_path / "dp2"), bf16)
