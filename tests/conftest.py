@@ -57,3 +57,11 @@ def start_srun_style(args: list[str], ntasks: int = 2, stdout=subprocess.PIPE) -
         procs.append(subprocess.Popen([sys.executable, "-m", "stdit.train", *args], env=env, text=True,
                                       stdout=stdout, stderr=subprocess.PIPE))
     return procs
+
+
+@pytest.fixture(scope="session")
+def zygote():
+    """The warm launcher of tests/zygote.py, shared by every test of the session that forks ranks from it."""
+    from zygote import Zygote
+    with Zygote() as z:
+        yield z

@@ -2,7 +2,8 @@
 kill while writing leaves the previous checkpoint; bad or incomplete checkpoints fail naming what is wrong;
 `stdit ckpt convert` rebuilds the layout-free copy bit for bit.
 
-Parallel runs use torchrun with gloo on CPU. Each saving layout trains one 3-step run (module fixture) with a
+Parallel runs use gloo on CPU, their ranks forked from the warm launcher of tests/zygote.py (no interpreter and
+imports to start per rank; torchrun itself: tests/test_faults.py, srun-style tasks: the SIGTERM test below). Each saving layout trains one 3-step run (module fixture) with a
 checkpoint at step 2 and checkpoint.full_copy=last: step 2 holds engine shards only, step 3 (the run's last) also
 full/. Tests copy its step-2 checkpoint and resume from it to step 3."""
 import contextlib
@@ -12,12 +13,11 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
-from conftest import free_port, start_srun_style
+from conftest import start_srun_style
 
 from parallel import checkpoint
 from stdit.cli import main as cli
@@ -40,18 +40,15 @@ KINDS = ("model", "ema", "exp_avg", "exp_avg_sq")
 STEPS = 3
 
 
-def _train(run_dir, nproc: int, layout: list[str], steps: int, *extra: str):
+def _train(zygote, run_dir, nproc: int, layout: list[str], steps: int, *extra: str):
     args = ["recipes/tiny.yaml", *FAST, f"run.dir={run_dir}", f"run.steps={steps}", *layout, *extra]
     if nproc == 1:  # in this process: no interpreter and imports to start
         with contextlib.redirect_stderr(io.StringIO()) as err:
             Trainer(load_config(args[0], args[1:])).train()
         return subprocess.CompletedProcess(args, 0, "", err.getvalue())
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
-           "-m", "stdit.train", *args]
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                         timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out
+    rc, out, err = zygote.train(nproc, args)
+    assert rc == 0, err[-3000:]
+    return subprocess.CompletedProcess(args, rc, out, err)
 
 
 def _losses(run_dir) -> dict[int, float]:
@@ -72,7 +69,7 @@ def _assert_same_full(a_ckpt, b_ckpt) -> None:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, zygote):
     """Per saving layout, one 3-step run: step_2 (periodic: no full/) and step_3 (the last: with full/)."""
     cache = {}
 
@@ -80,7 +77,7 @@ def runs(tmp_path_factory):
         if name not in cache:
             nproc, layout = SAME_LAYOUT[name]
             run = tmp_path_factory.mktemp(name)
-            _train(run, nproc, layout, STEPS, "checkpoint.every=2", "checkpoint.full_copy=last")
+            _train(zygote, run, nproc, layout, STEPS, "checkpoint.every=2", "checkpoint.full_copy=last")
             cache[name] = run
         return cache[name]
     return get
@@ -104,14 +101,14 @@ def _without_full(ckpt, dest):
 
 
 @pytest.mark.parametrize("name", list(SAME_LAYOUT))
-def test_resume_on_the_same_layout_is_bit_exact(runs, name, tmp_path):
+def test_resume_on_the_same_layout_is_bit_exact(runs, name, tmp_path, zygote):
     """From the step-2 checkpoint, which holds no layout-free copy: the engine and EMA shards alone restore the
     run; every loss and the last checkpoint's tensors are bit-identical to the run that went straight through."""
     nproc, layout = SAME_LAYOUT[name]
     straight, resumed = runs(name), _copy_half(runs, name, tmp_path)
     assert not checkpoint.has_full(resumed / "checkpoints/step_00000002")
     assert checkpoint.has_full(straight / "checkpoints/step_00000003")
-    out = _train(resumed, nproc, layout, STEPS, "checkpoint.full_copy=last")
+    out = _train(zygote, resumed, nproc, layout, STEPS, "checkpoint.full_copy=last")
     assert "resumed from" in out.stderr and "(same layout)" in out.stderr
     assert _losses(resumed) == {s: v for s, v in _losses(straight).items() if s > 2}
     _assert_same_full(straight / "checkpoints/step_00000003", resumed / "checkpoints/step_00000003")
@@ -146,14 +143,14 @@ def test_convert_rebuilds_the_layout_free_copy_bit_exactly(runs, name, tmp_path,
 
 @pytest.mark.parametrize("saved,target", [("tp2.dp2.zero2", "dp2.zero3"), ("tp2.dp2.zero2", "pp2.tp2"),
                                           ("pp2.dp2.zero1", "single")])
-def test_resume_on_another_layout_continues_the_curve(runs, saved, target, tmp_path):
+def test_resume_on_another_layout_continues_the_curve(runs, saved, target, tmp_path, zygote):
     """From the step-2 checkpoint once `stdit ckpt convert` has built its full/; the new layout's own last
     checkpoint converts bit-exactly too (no ZeRO with TP and a pipeline: module files per layer)."""
     nproc, layout = OTHER_LAYOUT[target]
     straight, resumed = runs(saved), _copy_half(runs, saved, tmp_path)
     half = resumed / "checkpoints/step_00000002"
     cli(["ckpt", "convert", str(half)])
-    out = _train(resumed, nproc, layout, STEPS)
+    out = _train(zygote, resumed, nproc, layout, STEPS)
     assert f"re-laid out from {checkpoint.read_meta(half)['layout']}" in out.stderr
     ref, got = _losses(straight), _losses(resumed)
     assert sorted(got) == [3]
@@ -189,26 +186,28 @@ def _cfg(run_dir, *extra):
     return load_config("recipes/tiny.yaml", FAST + ["model.depth=1", f"run.dir={run_dir}", *extra])
 
 
-def test_checkpoints_every_n_keep_the_newest_and_a_kill_while_writing_leaves_the_previous(tmp_path):
+def _train_dying_at_step_4(rank: int, argv: list[str]) -> None:
+    """`stdit ARGV` in a process that SIGKILLs itself halfway through writing the step-4 checkpoint (after some
+    files are on disk)."""
+    write_full = checkpoint.write_full
+
+    def dying(tmp, *a, **k):
+        if tmp.name.endswith("04"):
+            (tmp / "full").mkdir(exist_ok=True)
+            (tmp / "full" / "rank_00000.safetensors").write_bytes(b"partial")
+            os.kill(os.getpid(), signal.SIGKILL)
+        return write_full(tmp, *a, **k)
+    checkpoint.write_full = dying
+    cli(argv)
+
+
+def test_checkpoints_every_n_keep_the_newest_and_a_kill_while_writing_leaves_the_previous(tmp_path, zygote):
     straight = Trainer(_cfg(tmp_path / "a", "run.steps=6")).train()
-    # a process that SIGKILLs itself halfway through writing the step-4 checkpoint (after some files are on disk)
-    script = (
-        "import os, signal, sys\n"
-        "from parallel import checkpoint\n"
-        "write_full = checkpoint.write_full\n"
-        "def dying(tmp, *a, **k):\n"
-        "    if tmp.name.endswith('04'):\n"
-        "        (tmp / 'full').mkdir(exist_ok=True); (tmp / 'full' / 'rank_00000.safetensors').write_bytes(b'partial')\n"
-        "        os.kill(os.getpid(), signal.SIGKILL)\n"
-        "    return write_full(tmp, *a, **k)\n"
-        "checkpoint.write_full = dying\n"
-        "from stdit.cli import main\n"
-        "main(sys.argv[1:])\n")
     run = tmp_path / "b"
     args = ["train", "recipes/tiny.yaml", *FAST, "model.depth=1", f"run.dir={run}", "run.steps=6",
             "checkpoint.every=2", "checkpoint.keep=2"]
-    out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=300)
-    assert out.returncode == -signal.SIGKILL
+    rc, _, err = zygote.call(1, "test_checkpoint:_train_dying_at_step_4", (args,), timeout=300)  # a process
+    assert rc == -signal.SIGKILL, err[-3000:]
     root = run / "checkpoints"
     assert (root / ".tmp-step_00000004").is_dir() and not (root / "step_00000004").exists()
     assert checkpoint.latest(run) == root / "step_00000002"
@@ -218,13 +217,16 @@ def test_checkpoints_every_n_keep_the_newest_and_a_kill_while_writing_leaves_the
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000004", "step_00000006"]
 
 
-def test_mismatched_model_and_damaged_checkpoints_fail_naming_the_problem(tmp_path):
+def test_mismatched_model_and_damaged_checkpoints_fail_naming_the_problem(tmp_path, zygote):
+    """Each `stdit train` runs as a process of its own (forked from tests/zygote.py's warm launcher)."""
     Trainer(_cfg(tmp_path, "run.steps=1")).train()
     ckpt = tmp_path / "checkpoints/step_00000001"
-    train = [sys.executable, "-m", "stdit.train", "recipes/tiny.yaml", *FAST, "model.depth=1", f"run.dir={tmp_path}",
-             "run.steps=2"]
+    train = ["recipes/tiny.yaml", *FAST, "model.depth=1", f"run.dir={tmp_path}", "run.steps=2"]
+
+    def run(argv):
+        return subprocess.CompletedProcess(argv, *zygote.train(1, argv))
     config = (tmp_path / "config.yaml").read_text()
-    out = subprocess.run(train + ["model.hidden_size=48", "model.depth=2"], capture_output=True, text=True)
+    out = run(train + ["model.hidden_size=48", "model.depth=2"])
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "does not match the configured model" in out.stderr
     assert "blocks.1.mlp.fc1.weight" in out.stderr and "x_embedder.weight (32, 12) in the checkpoint vs (48, 12)" in out.stderr
@@ -233,29 +235,31 @@ def test_mismatched_model_and_damaged_checkpoints_fail_naming_the_problem(tmp_pa
     full = ckpt / "full/rank_00000.safetensors"
     data = full.read_bytes()
     full.write_bytes(data[:len(data) // 2])
-    out = subprocess.run(train, capture_output=True, text=True)
+    out = run(train)
     assert out.returncode == 2 and "full/rank_00000.safetensors is truncated" in out.stderr
     full.unlink()
-    out = subprocess.run(train, capture_output=True, text=True)
+    out = run(train)
     assert out.returncode == 2 and "is missing full/rank_00000.safetensors" in out.stderr
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before  # nothing written was lost
     assert (tmp_path / "config.yaml").read_text() == config
 
 
-def test_ckpt_info_and_export_load_on_one_device(tmp_path):
+def test_ckpt_info_and_export_load_on_one_device(tmp_path, zygote):
+    """`stdit ckpt` as processes of their own (forked from tests/zygote.py's warm launcher)."""
     run = tmp_path / "run"
     Trainer(_cfg(run, "run.steps=2")).train()
-    cli = [sys.executable, "-m", "stdit.cli", "ckpt"]
-    info = subprocess.run(cli + ["info", str(run)], capture_output=True, text=True)
+
+    def ckpt(*argv):
+        return subprocess.CompletedProcess(argv, *zygote.cli(["ckpt", *argv]))
+    info = ckpt("info", str(run))
     assert info.returncode == 0 and "step         2" in info.stdout and "complete     yes" in info.stdout
-    out = subprocess.run(cli + ["export", str(run / "checkpoints/step_00000002"), str(tmp_path / "exp")],
-                         capture_output=True, text=True)
+    out = ckpt("export", str(run / "checkpoints/step_00000002"), str(tmp_path / "exp"))
     assert out.returncode == 0, out.stderr[-2000:]
     from stdit.generate import load_for_generation
     model, _, cfg = load_for_generation(tmp_path / "exp", "cpu", "ema")
     full = checkpoint.FullTensors(run / "checkpoints/step_00000002").state_dict("ema")
     assert all(torch.equal(v, full[k]) for k, v in model.state_dict().items())
-    again = subprocess.run(cli + ["export", str(run), str(tmp_path / "exp")], capture_output=True, text=True)
+    again = ckpt("export", str(run), str(tmp_path / "exp"))
     assert again.returncode == 2 and "already holds exported weights" in again.stderr
 
 

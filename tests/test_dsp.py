@@ -12,7 +12,6 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from conftest import free_port, rand_videos, randomize, tiny_model_cfg
 
 from parallel.context import balanced_split
@@ -166,9 +165,11 @@ def _worker(rank, world, port, causal, backend, out_path):
 
 # the dense kernel reads each layout's segments as host-side runs of equal lengths: DSP plans them per layout
 @pytest.mark.parametrize("cp,causal,backend", [(2, False, "reference"), (4, True, "dense")])
-def test_dsp_equals_unsharded_and_sends_under_30_percent_of_ulysses(cp, causal, backend, tmp_path):
+def test_dsp_equals_unsharded_and_sends_under_30_percent_of_ulysses(cp, causal, backend, tmp_path, zygote):
+    """The ranks run _worker as torch.multiprocessing.spawn would, forked from tests/zygote.py's warm launcher."""
     out = tmp_path / "counts.json"
-    mp.spawn(_worker, args=(cp, free_port(), causal, backend, str(out)), nprocs=cp, join=True)
+    rc, _, err = zygote.call(cp, "test_dsp:_worker", (cp, free_port(), causal, backend, str(out)))
+    assert rc == 0, err[-3000:]
     ranks = json.loads(out.read_text())
     for batch in (len(SHAPES), len(ONE_VIDEO)):
         dsp = sum(r[f"dsp {batch}"]["bytes"] for r in ranks)

@@ -4,7 +4,6 @@ masks and long clips trained as frame subsets.
 Each layout trains the same recipe, seed and global batch for a few steps; its per-step losses and its final
 (gathered) weights and EMA must match a single-process run."""
 import json
-import os
 import subprocess
 import sys
 
@@ -53,18 +52,17 @@ def reference(request, tmp_path_factory):
 
 
 @pytest.mark.parametrize("nproc,layout", LAYOUTS, ids=[" ".join(x) for _, x in LAYOUTS])
-def test_layout_matches_single_process(reference, nproc, layout, tmp_path):
+def test_layout_matches_single_process(reference, nproc, layout, tmp_path, zygote):
+    """The ranks are forked from the warm launcher of tests/zygote.py (env:// rendezvous as under srun; no
+    interpreter and imports to start per rank); torchrun, srun and DeepSpeed's launcher are tested on their own."""
     attention, ref_losses, ref_model, ref_ema = reference
     if attention == "full" and layout not in FULL_LAYOUTS:
         pytest.skip("full attention differs from factorized only in its segments, which only cp and pp split: "
                     "it runs on cp=2, pp=2 and tp=2 x cp=2 (the heads Ulysses splits with tp; full attention "
                     "always runs Ulysses)")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
-           "-m", "stdit.train", "recipes/tiny.yaml", *FAST, f"model.attention={attention}", f"run.dir={tmp_path}",
-           *layout]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
+    rc, _, err = zygote.train(nproc, ["recipes/tiny.yaml", *FAST, f"model.attention={attention}",
+                                      f"run.dir={tmp_path}", *layout])
+    assert rc == 0, err[-3000:]
     losses = logged_losses(tmp_path)
     assert len(losses) == len(ref_losses)
     for a, b in zip(losses, ref_losses):

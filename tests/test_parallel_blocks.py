@@ -6,7 +6,6 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from conftest import free_port, rand_videos, randomize, tiny_model_cfg
 
 from stdit.config import Config, ConfigError, load_config, validate_layout
@@ -79,9 +78,11 @@ def _worker(rank, world, port, tp, cp, attention):
 
 
 @pytest.mark.parametrize("tp,cp,attention", [(1, 2, "full"), (2, 2, "factorized")])
-def test_sharded_model_matches_unsharded(tp, cp, attention):
+def test_sharded_model_matches_unsharded(tp, cp, attention, zygote):
+    """The ranks run _worker as torch.multiprocessing.spawn would, forked from tests/zygote.py's warm launcher."""
     world = tp * cp
-    mp.spawn(_worker, args=(world, free_port(), tp, cp, attention), nprocs=world, join=True)
+    rc, _, err = zygote.call(world, "test_parallel_blocks:_worker", (world, free_port(), tp, cp, attention))
+    assert rc == 0, err[-3000:]
 
 
 @pytest.mark.parametrize("overrides,keys", [
