@@ -199,7 +199,7 @@ def cp_tokens(cfg: Config, layout: ParallelDims) -> dict:
     (parallel.cp_mode): a rank holds whole frames, balanced by tokens (and whole temporal columns, dealt out the
     same way), so the busiest rank holds up to the largest frame less one token more than L / cp (a frame larger
     than L / cp: the rank holding it, the others padded to its length); that excess is padding every rank
-    computes. The activations count L / cp."""
+    computes. The activations count the busiest rank's tokens."""
     share = cfg.data.token_budget / layout.cp
     if layout.cp == 1 or cp_mode(cfg) != "dsp":
         return {"mode": "ulysses" if layout.cp > 1 else "none", "share": share, "busiest": share, "frame": 0}
@@ -214,7 +214,7 @@ def activation_bytes(cfg: Config, layout: ParallelDims, device: str) -> dict:
     backend, temporal = kernel_backends(m, device)
     precision = "bf16_cuda" if device == "cuda" else "fp32"  # the trainer: bf16 autocast on GPU, fp32 on CPU
     elem = 2 if device == "cuda" else 4
-    tokens = cfg.data.token_budget / layout.cp
+    tokens = cp_tokens(cfg, layout)["busiest"]  # L / cp, + DSP's worst-case frame imbalance
     samples = max(1.0, cfg.data.token_budget / mean_sample_tokens(cfg))  # per micro-batch
     text_tokens = samples * cfg.text.max_length / layout.cp
     per_token, per_text = block_activations(cfg, layout.tp, backend, m.activation_checkpointing, precision, temporal)
@@ -327,7 +327,7 @@ def report(estimator: Estimator, layout: ParallelDims, gpu_mem: float | None) ->
     if cp["mode"] == "dsp":
         lines.append(f"context parallel: DSP, whole frames per rank (largest frame {cp['frame']:,} tokens): the "
                      f"busiest rank holds up to {cp['busiest']:,.0f} tokens of a micro-batch, L/cp = "
-                     f"{cp['share']:,.0f}: up to {cp['busiest'] / cp['share'] - 1:.1%} cp padding (not in the "
+                     f"{cp['share']:,.0f}: up to {cp['busiest'] / cp['share'] - 1:.1%} cp padding (counted in the "
                      "activations below)")
     elif cp["mode"] == "ulysses":
         lines.append(f"context parallel: Ulysses, {cp['share']:,.0f} tokens per rank (no cp padding)")

@@ -187,6 +187,8 @@ def expected_memory(cfg, lay: ParallelDims, outside_params: int) -> float:
     per_tok, per_text = {"none": (none_tok, none_text), "selective": (sel_tok, none_text),
                          "full": (2, 0)}[m.activation_checkpointing]
     tokens = cfg.data.token_budget / lay.cp
+    if lay.cp > 1 and m.attention == "factorized":  # DSP: whole frames per rank, up to a frame less one token more
+        tokens = min(cfg.data.token_budget, math.ceil(tokens) + max(g[1] * g[2] for g in latent_grids(cfg)) - 1)
     mean = sum(math.prod(g) for g in latent_grids(cfg)) / len(latent_grids(cfg))
     text = max(1.0, cfg.data.token_budget / mean) * cfg.text.max_length / lay.cp
     act = lay.pp * blocks * (per_tok * tokens + per_text * text) * h
