@@ -89,3 +89,30 @@ def test_cached_training_matches_encoding_on_the_fly(sources, tmp_path):
     with pytest.raises(Exception, match="^text.path: data.cached=true"):  # the cache's encoder is required
         Trainer(load_config("recipes/tiny.yaml", [*common[:3], *common[4:], "data.cached=true",
                                                   f"data.shards=[{out}/cache-*.tar]", f"run.dir={tmp_path / 'x'}"]))
+
+
+def test_cache_shard_encodes_captions_in_batches_as_one_by_one(sources, tmp_path):
+    """A shard's captions go through the text encoder a batch at a time (its fixed shape); each sample's cached
+    embedding is what encoding its caption alone gives, latents and captions stay with their samples."""
+    from stdit.autoencoder import load_vae
+    from stdit.data.cache import CachedDataset, _settings, cache_shard
+    cfg = load_config("recipes/tiny.yaml", BUCKETS)
+    shard(sources / "src", tmp_path / "one", progress=False)  # all four clips in one shard
+    (source,) = sorted((tmp_path / "one").glob("shard-*.tar"))
+    settings = _settings(str(sources / "vae"), cfg)
+    vae = load_vae(settings["vae"], torch.device("cpu"))
+    text = TextEncoder("t5", path=str(sources / "t5"))
+    text.BATCH = 3  # 4 captions: a batch of 3, then 1
+    calls = []
+    encode = text.encode
+    text.encode = lambda captions: calls.append(len(captions)) or encode(captions)
+    result = cache_shard(source, tmp_path / "cache-000000.tar", settings, vae, text, progress=False)
+    assert result["written"] == 4 and calls == [3, 1]
+    alone = TextEncoder("t5", path=str(sources / "t5"))
+    data = CachedDataset([str(tmp_path / "cache-000000.tar")])
+    assert sorted(data[i].caption for i in range(4)) == [f"clip number {i} of {n}" for i, n in
+                                                         enumerate(["a.mp4", "b.mp4", "c.webm", "d.mp4"])]
+    for i in range(4):
+        s = data[i]
+        torch.testing.assert_close(s.text, alone.encode([s.caption])[0], rtol=1e-5, atol=1e-6)
+        assert s.video.shape[0] == 4

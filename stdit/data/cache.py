@@ -122,7 +122,19 @@ def cache_shard(source: Path, out: Path, settings: dict, vae, text_encoder, prog
                         settings["target_fps"], settings.get("buckets"), settings.get("allow_upscale", False),
                         settings.get("captions"))
     device = next(vae.parameters()).device
-    tmp, written, skipped = out.with_suffix(".tar.tmp"), 0, []
+    tmp, written, skipped, pending = out.with_suffix(".tar.tmp"), 0, [], []
+
+    def flush():  # the pending samples' captions in one text-encoder call (its fixed batch shape), then written
+        texts = text_encoder.encode([s.caption for _, s, _ in pending])
+        for (key, s, latent), text in zip(pending, texts):
+            text = text.float().cpu().contiguous()
+            meta = {"shape": list(latent.shape[1:]), "channels": latent.shape[0], "fps": s.fps,
+                    "text_tokens": text.shape[0], "text_dim": text.shape[1], "source": f"{source.name}/{key}"}
+            _add(tar, f"{key}.safetensors", save({"latent": latent, "text": text}))
+            _add(tar, f"{key}.txt", s.caption.encode())
+            _add(tar, f"{key}.json", json.dumps(meta).encode())
+        pending.clear()
+
     with tarfile.open(tmp, "w") as tar:
         for i in tqdm(range(len(data)), desc=source.name, disable=not progress, mininterval=1.0):
             key = data.keys[i]
@@ -132,13 +144,12 @@ def cache_shard(source: Path, out: Path, settings: dict, vae, text_encoder, prog
                 skipped.append({"shard": source.name, "key": key, "why": f"{type(e).__name__}: {e}"})
                 continue
             latent = vae.encode(s.video[None].to(device), tiled=True)[0].float().cpu().contiguous()
-            text = text_encoder.encode([s.caption])[0].float().cpu().contiguous()
-            meta = {"shape": list(latent.shape[1:]), "channels": latent.shape[0], "fps": s.fps,
-                    "text_tokens": text.shape[0], "text_dim": text.shape[1], "source": f"{source.name}/{key}"}
-            _add(tar, f"{key}.safetensors", save({"latent": latent, "text": text}))
-            _add(tar, f"{key}.txt", s.caption.encode())
-            _add(tar, f"{key}.json", json.dumps(meta).encode())
+            pending.append((key, s, latent))
             written += 1
+            if len(pending) == text_encoder.BATCH:
+                flush()
+        if pending:
+            flush()
     result = {"written": written, "skipped": skipped}
     out.with_suffix(".json").write_text(json.dumps(result))  # what this shard holds, kept across reruns
     os.replace(tmp, out)
