@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from stdit.data.synthetic import COLOURS, SHAPES, SyntheticClips  # noqa: E402
-from stdit.diffusion.rectified_flow import sample_generator  # noqa: E402
+from stdit.diffusion.rectified_flow import sample_generator, velocity_of  # noqa: E402
 from stdit.evaluate import parse_caption  # noqa: E402
 from stdit.generate import load_for_generation  # noqa: E402
 from stdit.packing import pack, token_counts, unpack  # noqa: E402
@@ -74,7 +74,8 @@ def main() -> None:
                 noise = torch.randn(x0.shape, generator=sample_generator(1, 0, i))
                 x_t = (1 - t) * x0 + t * noise
                 with torch.no_grad():
-                    v = model(x_t, torch.full(batch.frame_sample.shape, t), batch)
+                    out = model(x_t, torch.full(batch.frame_sample.shape, t), batch)
+                    v = velocity_of(out, x_t, torch.full(x_t.shape[:1], t), cfg.diffusion)
                 losses.setdefault(name, []).append(float(((v - (noise - x0)) ** 2).mean()))
                 if name == "true" and len(tracks) < 4:
                     guess = unpack(x_t - t * v, batch)[0]

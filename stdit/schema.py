@@ -133,6 +133,12 @@ class DiffusionConfig:
     """Euler steps when sampling."""
     cfg_scale: float = 4.0
     """Classifier-free guidance scale when sampling (1: no guidance)."""
+    prediction: str = "velocity"
+    """What the network outputs: velocity (noise - x0) | x0 (the clean tokens; JiT, arXiv 2511.13720). Both train
+    on the velocity error: with x0, v = (x_t - x0_hat) / t, i.e. the x0 error weighted by 1 / t^2 (t clamped at
+    `x0_min_t`). With x0 the network never has to carry the noise through its layers."""
+    x0_min_t: float = 0.05
+    """With prediction=x0: the smallest t in v = (x_t - x0_hat) / t (bounds the weight of nearly clean samples)."""
 
 
 @dataclass

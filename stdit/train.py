@@ -34,7 +34,7 @@ from stdit.data.loader import StepSampler, build_dataset
 from stdit.data.steps import StepBuilder
 from stdit.data.video import to_uint8, write_video
 from stdit.device import resolve_device
-from stdit.diffusion.rectified_flow import flow_loss_sum, noisy_inputs
+from stdit.diffusion.rectified_flow import flow_loss_sum, noisy_inputs, prediction_target
 from stdit.diffusion.sampler import sample_videos
 from stdit.flops import peak_flops
 from stdit.grid import latent_shape, token_grid
@@ -232,9 +232,11 @@ class Trainer:
         mine, view = cp_cut(batch, self.dims.rank("cp"), self.dims.cp, cp_mode(self.cfg), self.device)  # host-side
         batch = batch.to(self.device)
         view = batch if view is None else view  # cp = 1: the whole batch
-        x_t, t_frame, target = noisy_inputs(batch, draws)
+        x_t, t_frame, velocity = noisy_inputs(batch, draws)
+        target, weight = prediction_target(batch, velocity, t_frame, self.cfg.diffusion)
+        mask = view.loss_mask.float() if weight is None else view.loss_mask.float() * weight[mine]
         inputs = model_inputs(x_t[mine], t_frame, view, self.dims.pp > 1)
-        return inputs, (target[mine], view.loss_mask.float())
+        return inputs, (target[mine], mask)
 
     def loss(self, pred: torch.Tensor, labels) -> torch.Tensor:
         """A micro-batch's share of the step's loss: mean over all loss tokens of the step (every rank's)."""

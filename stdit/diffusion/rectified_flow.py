@@ -89,6 +89,24 @@ def noisy_inputs(batch: PackedBatch, draws: list[SampleDraw]):
     return x_t, t_frame, noise - x0
 
 
+def velocity_of(out: torch.Tensor, x_t: torch.Tensor, t_tok: torch.Tensor, cfg) -> torch.Tensor:
+    """The velocity a network output stands for: itself, or with `diffusion.prediction=x0` (x_t - x0_hat) / t."""
+    if cfg.prediction == "velocity":
+        return out
+    return (x_t.float() - out.float()) / t_tok.float().clamp_min(cfg.x0_min_t)[:, None]
+
+
+def prediction_target(batch: PackedBatch, velocity: torch.Tensor, t_frame: torch.Tensor, cfg):
+    """The training target of the network's output and a per-token loss weight: the velocity with weight 1, or
+    the clean tokens with weight 1 / t^2 (so the loss is still the velocity error of velocity_of's output)."""
+    if cfg.prediction == "velocity":
+        return velocity, None
+    if cfg.prediction != "x0":
+        raise ValueError(f"diffusion.prediction={cfg.prediction!r}; use velocity or x0")
+    t_tok = t_frame[batch.token_frame].float().clamp_min(cfg.x0_min_t)
+    return batch.tokens, t_tok.pow(-2)
+
+
 def flow_loss_sum(pred: torch.Tensor, target: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
     """Sum over loss tokens of the per-token mean squared velocity error (divide by the global count later)."""
     per_token = (pred.float() - target.float()).pow(2).mean(-1)

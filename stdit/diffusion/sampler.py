@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from stdit.diffusion.rectified_flow import sample_generator, shift_t, timestep_shift
+from stdit.diffusion.rectified_flow import sample_generator, shift_t, timestep_shift, velocity_of
 from stdit.grid import token_grid
 from stdit.packing import pack, patchify, unpack
 
@@ -83,7 +83,8 @@ def sample_videos(model, text_encoder, prompts: list[str], shapes: list[tuple[in
         t_frame = torch.where(batch.frame_cond, torch.zeros_like(t_frame), t_frame)
         x_in = torch.cat([x, x]) if guided else x
         with autocast:
-            v = model(x_in, t_frame, batch).float()
+            v = velocity_of(model(x_in, t_frame, batch), x_in, t_frame[batch.token_frame[:x_in.shape[0]]],
+                            diffusion_cfg)
         if guided:
             v_cond, v_uncond = v[:x.shape[0]], v[x.shape[0]:]
             v = v_uncond + cfg_scale * (v_cond - v_uncond)
