@@ -139,6 +139,10 @@ def validate(cfg: Config) -> None:
                "multiple of 4")
     _check(m.time_embed in ("none", "relative"), "model.time_embed",
            f"must be none or relative, got {m.time_embed!r}")
+    _check(not m.caption_time or m.time_embed == "relative", "model.caption_time",
+           "multiplies the frame-time embedding: set model.time_embed=relative too")
+    _check(not m.caption_time or p.cp == 1, "model.caption_time",
+           "is not wired for context parallelism yet (a cp rank's view of the captions); use parallel.cp=1")
     _check(m.pos_embed in ("none", "sincos"), "model.pos_embed", f"must be none or sincos, got {m.pos_embed!r}")
     _check(m.pos_embed == "none" or m.hidden_size % 4 == 0, "model.pos_embed",
            f"sincos needs model.hidden_size divisible by 4, got {m.hidden_size}")

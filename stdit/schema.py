@@ -74,6 +74,10 @@ class ModelConfig:
     """none | relative: add an embedding of each frame's time index counted from its sample's first frame to the
     frame's conditioning (adaLN), so a frame knows where it sits in its clip (RoPE alone only tells attention
     relative offsets); shifting all of a sample's time indices still changes nothing."""
+    caption_time: bool = False
+    """With time_embed=relative: multiply each frame's time embedding by (1 + an MLP of its caption's mean token),
+    so the conditioning holds (caption x frame time) features directly: what "moving left" means for frame k.
+    Without them the model never learns the motion words (README "Evaluation / measured")."""
     pos_embed: str = "none"
     """none | sincos: add DiT's fixed 2D sinusoidal embedding of each token's (row, column) to its embedding, so
     the MLPs know where a token is in its frame (RoPE alone only tells attention relative offsets)."""

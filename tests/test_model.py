@@ -32,9 +32,11 @@ def _run(model, videos, texts, t, fps, order, pad):
     return {i: out[off:off + c] for i, off, c in zip(order, b.offsets, token_counts([v.shape[1:] for v in vs], PATCH))}
 
 
-@pytest.mark.parametrize("attention,causal", [("factorized", False), ("factorized", True), ("full", False)])
-def test_packed_equals_alone_in_any_order(attention, causal):
-    model = randomize(STDiT(tiny_model_cfg(attention=attention, temporal_causal=causal), TEXT_DIM)).double()
+@pytest.mark.parametrize("attention,causal,extra", [
+    ("factorized", False, {}), ("factorized", True, {}), ("full", False, {}),
+    ("factorized", False, {"time_embed": "relative", "caption_time": True})])  # a sample's own caption per frame
+def test_packed_equals_alone_in_any_order(attention, causal, extra):
+    model = randomize(STDiT(tiny_model_cfg(attention=attention, temporal_causal=causal, **extra), TEXT_DIM)).double()
     videos, texts, t, fps = _inputs()
     alone = {i: _run(model, videos, texts, t, fps, [i], pad=5)[i] for i in range(len(SHAPES))}
     assert all(o.abs().max() > 1e-3 for o in alone.values())  # not trivially zero
@@ -111,7 +113,8 @@ def test_zero_init_predicts_zero_and_blocks_are_identity():
 @pytest.mark.parametrize("attention,causal,extra", [
     ("factorized", False, {}), ("factorized", True, {}), ("full", False, {}),
     ("factorized", False, {"rope_axes": "per_attention", "pos_embed": "sincos", "rope_theta": 100.0,
-                           "time_embed": "relative"})])
+                           "time_embed": "relative"}),
+    ("factorized", False, {"time_embed": "relative", "caption_time": True})])
 def test_frame_time_positions(attention, causal, extra):
     """A sample is any subset of a longer video's frames, carrying its time indices: shifting them all by a
     constant changes nothing (RoPE is relative; the absolute embedding is spatial only), but other gaps between

@@ -111,6 +111,7 @@ class STDiT(nn.Module):
         self.num_mod = 9 if factorized else 6
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(h, self.num_mod * h))  # adaLN-single, shared by blocks
         self.y_embedder = Mlp(text_dim, h, h)
+        self.caption_time = Mlp(text_dim, h, h) if cfg.caption_time and self.time_embedder is not None else None
         temporal = cfg.attention_backend if cfg.temporal_attention_backend == "auto" else cfg.temporal_attention_backend
         self.blocks = nn.ModuleList([
             STDiTBlock(h, cfg.num_heads, cfg.mlp_ratio, factorized, cfg.temporal_causal, cfg.qk_norm,
@@ -146,7 +147,11 @@ class STDiT(nn.Module):
         if self.fps_embedder is not None:
             t_frame = t_frame + self.fps_embedder(batch.fps)[batch.frame_sample]
         if self.time_embedder is not None:  # where the frame sits in its sample, unchanged by a common shift
-            t_frame = t_frame + self.time_embedder(batch.frame_time)
+            time = self.time_embedder(batch.frame_time)
+            if self.caption_time is not None:  # (caption x frame time) features; cu_text: each caption's tokens
+                pooled = torch.segment_reduce(batch.text.float(), "mean", offsets=batch.cu_text.long())
+                time = time * (1 + self.caption_time(pooled.to(time.dtype)))[batch.frame_sample]
+            t_frame = t_frame + time
         frame_mod = self.t_block(t_frame).view(t.shape[0], self.num_mod, -1)  # [F, num_mod, h]
         rope = rope_tables(batch.coords, self.head_dim, self.cfg.rope_theta, self.cfg.rope_axes == "per_attention")
         x = self.x_embedder(x)
