@@ -144,6 +144,8 @@ def validate(cfg: Config) -> None:
     _check(not m.caption_time or p.cp == 1, "model.caption_time",
            "is not wired for context parallelism yet (a cp rank's view of the captions); use parallel.cp=1")
     _check(m.pos_embed in ("none", "sincos"), "model.pos_embed", f"must be none or sincos, got {m.pos_embed!r}")
+    _check(cfg.diffusion.prediction in ("velocity", "x0"), "diffusion.prediction",
+           f"must be velocity or x0, got {cfg.diffusion.prediction!r}")
     _check(m.pos_embed == "none" or m.hidden_size % 4 == 0, "model.pos_embed",
            f"sincos needs model.hidden_size divisible by 4, got {m.hidden_size}")
     _check(m.depth >= 1, "model.depth", f"must be >= 1, got {m.depth}")

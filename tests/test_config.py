@@ -27,6 +27,7 @@ def test_shipped_recipes_load():
     (["model.rope_axes=per_attention", "model.hidden_size=72", "model.num_heads=4"], "model.rope_axes"),
     (["model.pos_embed=learned"], "model.pos_embed"),
     (["model.caption_time=true"], "model.caption_time"),
+    (["diffusion.prediction=noise"], "diffusion.prediction"),
     (["model.caption_time=true", "model.time_embed=relative", "parallel.cp=2"], "model.caption_time"),
     (["model.attention=full", "model.temporal_causal=true"], "model.temporal_causal"),
     (["model.attention_backend=cudnn"], "model.attention_backend"),

@@ -90,9 +90,10 @@ def noisy_inputs(batch: PackedBatch, draws: list[SampleDraw]):
 
 
 def velocity_of(out: torch.Tensor, x_t: torch.Tensor, t_tok: torch.Tensor, cfg) -> torch.Tensor:
-    """The velocity a network output stands for: itself, or with `diffusion.prediction=x0` (x_t - x0_hat) / t."""
+    """The velocity (fp32) a network output stands for: itself, or with `diffusion.prediction=x0`
+    (x_t - x0_hat) / t."""
     if cfg.prediction == "velocity":
-        return out
+        return out.float()
     return (x_t.float() - out.float()) / t_tok.float().clamp_min(cfg.x0_min_t)[:, None]
 
 
