@@ -139,10 +139,8 @@ def validate(cfg: Config) -> None:
                "multiple of 4")
     _check(m.time_embed in ("none", "relative"), "model.time_embed",
            f"must be none or relative, got {m.time_embed!r}")
-    _check(not m.caption_time or m.time_embed == "relative", "model.caption_time",
-           "multiplies the frame-time embedding: set model.time_embed=relative too")
-    _check(not m.caption_time or p.cp == 1, "model.caption_time",
-           "is not wired for context parallelism yet (a cp rank's view of the captions); use parallel.cp=1")
+    _check(m.caption_time_scale in ("frames", "clip"), "model.caption_time_scale",
+           f"must be frames or clip, got {m.caption_time_scale!r}")
     _check(m.pos_embed in ("none", "sincos"), "model.pos_embed", f"must be none or sincos, got {m.pos_embed!r}")
     _check(cfg.diffusion.prediction in ("velocity", "x0"), "diffusion.prediction",
            f"must be velocity or x0, got {cfg.diffusion.prediction!r}")

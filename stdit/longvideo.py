@@ -124,7 +124,7 @@ def generate_long(model, text_encoder, prompts: list[str], length: int, hw: tupl
         (out,) = sample_videos(model, text_encoder, [prompts[segment_of(stage, len(prompts), length)]],
                                [(len(frames), *hw)], model_cfg, diffusion_cfg, seed=seed * 100_003 + i, fps=fps,
                                steps=steps, cfg_scale=cfg_scale, conditions=[condition],
-                               times=[torch.tensor(frames)])
+                               times=[torch.tensor(frames)], lengths=[length])
         new = [frames.index(f) for f in stage.generate]
         video[:, stage.generate] = out[:, new]
         if progress is not None:

@@ -89,6 +89,8 @@ class PackedBatch:
     loss_mask: torch.Tensor      # [L] bool
     fps: torch.Tensor            # [B(+1)] float
     text: torch.Tensor           # [S, D_text] unpadded caption tokens of all samples (+1 zero token for padding)
+    caption: torch.Tensor        # [B(+1), D_text] each caption's mean token (padding: zero), whole on every cp rank
+    clip_length: torch.Tensor    # [B(+1)] float: the length of the clip each sample is part of, in token frames
     cu_spatial: torch.Tensor     # int32 cumulative segment offsets, one segment per frame (padding: in none)
     cu_temporal: torch.Tensor    # int32, one segment per (sample, row, column) in permuted order (padding: none)
     cu_full: torch.Tensor        # int32, one segment per sample (padding: in none)
@@ -166,13 +168,15 @@ def pack(
     sample_ids: list[int] | None = None,
     cond_frames: list[torch.Tensor | None] | None = None,
     times: list[torch.Tensor | None] | None = None,
+    lengths: list[int | None] | None = None,
 ) -> PackedBatch:
     """Pack videos [C, T, H, W] with their unpadded text embeddings [n_i, D] into `token_budget` tokens.
 
     cond_frames[i], if given, is a bool vector over the sample's token frames: True frames are conditioning
     (clean, timestep 0, no loss). times[i], if given, is each token frame's time index in the source video,
     strictly increasing (default 0..T'-1): a sample may be any subset of a longer video's frames. RoPE's time
-    coordinate is this index, and the temporal (causal) order follows it.
+    coordinate is this index, and the temporal (causal) order follows it. lengths[i], if given, is the length of
+    that source video in token frames (default: its last time index + 1).
     """
     patch_size = tuple(patch_size)
     if not videos:
@@ -180,6 +184,7 @@ def pack(
     sample_ids = list(range(len(videos))) if sample_ids is None else list(sample_ids)
     cond_frames = cond_frames or [None] * len(videos)
     times = times or [None] * len(videos)
+    lengths = lengths or [None] * len(videos)
     token_list, grids, offsets = [], [], []
     for v in videos:
         offsets.append(sum(_numel(g) for g in grids))
@@ -196,7 +201,7 @@ def pack(
     dev = token_list[0].device
 
     coords, token_sample, token_frame, frame_sample, frame_cond, loss_mask = [], [], [], [], [], []
-    frame_time = []
+    frame_time, clip_length = [], []
     spatial_len, columns = [], {}  # columns: frame count t -> temporal order of each sample with t frames
     n_frames = 0
     for i, ((t, h, w), off) in enumerate(zip(grids, offsets)):
@@ -204,6 +209,10 @@ def pack(
         ft = _frame_times(times[i], t, i)
         coords.append(torch.stack([ft[tt], hh, ww], -1).reshape(-1, 3))
         frame_time.append((ft - ft[0]).float())
+        clip_length.append(int(ft[-1]) + 1 if lengths[i] is None else int(lengths[i]))
+        if clip_length[-1] <= ft[-1]:
+            raise ValueError(f"lengths[{i}] = {lengths[i]} token frames, but the sample has a frame at time "
+                             f"{int(ft[-1])}: give the length of the video its frames come from")
         token_sample.append(torch.full((t * h * w,), i))
         token_frame.append(n_frames + tt.reshape(-1))
         frame_sample.append(torch.full((t,), i))
@@ -225,6 +234,7 @@ def pack(
     if len(texts) != B or min(text_len) < 1:
         raise ValueError("pack needs one text embedding of >= 1 token per video (the empty caption still has EOS)")
     text = torch.cat([x.to(dev) for x in texts])
+    caption = torch.stack([x.to(dev).float().mean(0) for x in texts])
     fps_t = torch.tensor(list(fps), dtype=torch.float32)
     cross_len = list(full_len)
     if pad:
@@ -241,7 +251,9 @@ def pack(
         cross_len.append(pad)
         text_len.append(1)
         text = torch.cat([text, text.new_zeros(1, text.shape[1])])
+        caption = torch.cat([caption, caption.new_zeros(1, caption.shape[1])])
         fps_t = torch.cat([fps_t, torch.zeros(1)])
+        clip_length.append(1)
     tokens = torch.cat(token_list + ([token_list[0].new_zeros(pad, dim)] if pad else []))
     perm = torch.cat(temporal_perm)
     return PackedBatch(
@@ -249,7 +261,8 @@ def pack(
         token_frame=torch.cat(token_frame).to(dev), frame_sample=torch.cat(frame_sample).to(dev),
         frame_cond=torch.cat(frame_cond).to(dev), frame_time=torch.cat(frame_time).to(dev),
         loss_mask=torch.cat(loss_mask).to(dev), fps=fps_t.to(dev),
-        text=text, cu_spatial=_cu(spatial_len).to(dev), cu_temporal=_cu(temporal_len).to(dev),
+        text=text, caption=caption, clip_length=torch.tensor(clip_length, dtype=torch.float32).to(dev),
+        cu_spatial=_cu(spatial_len).to(dev), cu_temporal=_cu(temporal_len).to(dev),
         cu_full=_cu(full_len).to(dev), cu_text=_cu(text_len).to(dev), cu_cross=_cu(cross_len).to(dev),
         temporal_perm=perm.to(dev), temporal_inv=torch.argsort(perm).to(dev), max_spatial=max(spatial_len),
         max_temporal=max(temporal_len), max_full=max(full_len), max_text=max(text_len), max_cross=max(cross_len),

@@ -310,7 +310,8 @@ def stage_inputs(x_t, t_frame, batch: PackedBatch) -> tuple:
     tensors, host = _meta(batch)
     maxes = to_device(torch.tensor(host), x_t.device)
     maxes.host = host  # this stage's blocks read the numbers from here; later stages wait for them once
-    return (x_t, t_frame, batch.fps, batch.frame_sample, batch.frame_time, batch.text, *tensors, maxes)
+    return (x_t, t_frame, batch.fps, batch.frame_sample, batch.frame_time, batch.text, batch.caption,
+            batch.clip_length, *tensors, maxes)
 
 
 def _cached_view(meta: tuple, dsp: bool) -> PackedBatch:
@@ -327,14 +328,15 @@ class EmbedStage(nn.Module):
     def __init__(self, model: STDiT, dsp: bool = False):
         super().__init__()
         self.cfg, self.num_mod, self.head_dim, self.dsp = model.cfg, model.num_mod, model.head_dim, dsp
-        for name in ("x_embedder", "t_embedder", "fps_embedder", "time_embedder", "t_block", "y_embedder"):
+        for name in ("x_embedder", "t_embedder", "fps_embedder", "time_embedder", "caption_time", "t_block",
+                     "y_embedder"):
             setattr(self, name, getattr(model, name))
 
     def forward(self, inputs):
-        x_t, t_frame, fps, frame_sample, frame_time, text, *meta = inputs
+        x_t, t_frame, fps, frame_sample, frame_time, text, caption, clip_length, *meta = inputs
         view = dataclasses.replace(_cached_view(tuple(meta), self.dsp), fps=fps, frame_sample=frame_sample,
-                                   frame_time=frame_time, text=text)
-        x, t_emb, frame_mod, text_emb, _ = STDiT.embed(self, x_t, t_frame, view)  # reads the embedders only
+                                   frame_time=frame_time, text=text, caption=caption, clip_length=clip_length)
+        x, t_emb, frame_mod, text_emb, _ = STDiT.embed(self, x_t, t_frame, view)  # the plain model's code
         return (x, t_emb, frame_mod, text_emb, *meta)
 
 

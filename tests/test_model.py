@@ -34,7 +34,8 @@ def _run(model, videos, texts, t, fps, order, pad):
 
 @pytest.mark.parametrize("attention,causal,extra", [
     ("factorized", False, {}), ("factorized", True, {}), ("full", False, {}),
-    ("factorized", False, {"time_embed": "relative", "caption_time": True})])  # a sample's own caption per frame
+    ("factorized", False, {"time_embed": "relative", "caption_time": True}),  # a sample's own caption per frame
+    ("factorized", False, {"caption_time": True, "caption_time_scale": "clip"})])
 def test_packed_equals_alone_in_any_order(attention, causal, extra):
     model = randomize(STDiT(tiny_model_cfg(attention=attention, temporal_causal=causal, **extra), TEXT_DIM)).double()
     videos, texts, t, fps = _inputs()
@@ -136,3 +137,26 @@ def test_frame_time_positions(attention, causal, extra):
     assert (contiguous - subset).abs().max() > 1e-3
     with pytest.raises(ValueError, match="strictly increasing"):
         run([[0, 8, 8], [0, 1, 2, 3]])
+
+
+def test_caption_time_clip_scale_reads_each_frame_in_its_clip():
+    """model.caption_time_scale=clip: a frame's time is its index over the length of the clip it comes from, so
+    the first 4 frames of an 8-frame clip, trained as a window, get the features they have in the whole clip;
+    a common shift of the time indices still changes nothing."""
+    cfg = tiny_model_cfg(caption_time=True, caption_time_scale="clip")
+    model = randomize(STDiT(cfg, TEXT_DIM)).double()
+    video = rand_videos([(8, 4, 4)])[0].double()
+    text = torch.randn(5, TEXT_DIM, dtype=torch.float64)
+
+    def features(v, times=None, lengths=None):
+        b = pack([v], [text], [8.0], PATCH, 1000, times=times, lengths=lengths)
+        return model.caption_time_features(b)[:v.shape[1]]
+
+    whole = features(video)
+    window = features(video[:, :4], lengths=[8])
+    torch.testing.assert_close(window, whole[:4])
+    assert (features(video[:, :4]) - whole[:4]).abs().max() > 1e-2  # read as a 4-frame clip of its own
+    torch.testing.assert_close(features(video[:, :4], [torch.tensor([20, 21, 22, 23])], [30]),
+                               features(video[:, :4], [torch.tensor([0, 1, 2, 3])], [30]))
+    with pytest.raises(ValueError, match="lengths"):
+        features(video[:, :4], [torch.tensor([0, 2, 4, 6])], [6])

@@ -32,7 +32,8 @@ def _worker(rank, world, port, tp, cp, attention):
     from stdit.parallelize import cp_cut, cp_mode, parallelize_stdit
 
     cfg = Config()
-    cfg.model = tiny_model_cfg(attention=attention, num_heads=4, hidden_size=32)
+    cfg.model = tiny_model_cfg(attention=attention, num_heads=4, hidden_size=32, caption_time=True,
+                               caption_time_scale="clip")  # whole captions and clip lengths on every cp rank
     cfg.parallel.tp, cfg.parallel.cp = tp, cp
     cfg.data.token_budget = 256
     validate_layout(cfg, world)
@@ -70,7 +71,9 @@ def _worker(rank, world, port, tp, cp, attention):
             dim = p.partition_dim
             size = r.shape[dim] // tp
             r = r.narrow(dim, tp_rank * size, size)
-        torch.testing.assert_close(grad, r, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        # fp32 sums in another order: the absolute tolerance scales with the gradient's largest entry
+        atol = 1e-5 * max(1.0, float(r.abs().max()))
+        torch.testing.assert_close(grad, r, rtol=1e-4, atol=atol, msg=lambda m: f"{name}: {m}")
         checked += 1
     assert checked == len(ref_params)
     dist.barrier()  # no rank tears gloo down while a peer still talks to it (seen: SIGABRT)

@@ -52,7 +52,8 @@ class StepBuilder:
             ks = [where[i] for i in plan.bins[j]]
             batch = pack([clips[k][0] for k in ks], [texts[k] for k in ks], [samples[k].fps for k in ks],
                          patch, budget, sample_ids=[samples[k].sample_id for k in ks],
-                         cond_frames=[conds[i] for i in plan.bins[j]], times=[clips[k][1] for k in ks])
+                         cond_frames=[conds[i] for i in plan.bins[j]], times=[clips[k][1] for k in ks],
+                         lengths=[samples[k].video.shape[1] // patch[0] for k in ks])
             micro.append((batch, [draws[k] for k in ks]))
         micro += [self._filler()] * (max(map(len, every)) - len(micro))
         real = sum(plan.tokens)

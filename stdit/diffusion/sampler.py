@@ -18,13 +18,14 @@ from stdit.packing import pack, patchify, unpack
 def sample_videos(model, text_encoder, prompts: list[str], shapes: list[tuple[int, int, int]], model_cfg,
                   diffusion_cfg, seed: int = 0, fps: float = 8.0, steps: int | None = None,
                   cfg_scale: float | None = None, progress=None, conditions=None, times=None, edits=None,
-                  strength: float = 1.0) -> list[torch.Tensor]:
+                  strength: float = 1.0, lengths=None) -> list[torch.Tensor]:
     """Generate one [C, T, H, W] video in [-1, 1]-ish per (prompt, (T, H, W)) from pure noise.
 
     conditions[i], if given, is (clean video [C, T, H, W] of that shape, bool [T'] over token frames): the True
     frames are given, taken from the clean video; the others are generated.
     times[i], if given, is the time index of each token frame in the video the sample belongs to (strictly
-    increasing; e.g. frames 0, 8, 16, 17 of a long video): RoPE sees the real gaps.
+    increasing; e.g. frames 0, 8, 16, 17 of a long video): RoPE sees the real gaps. lengths[i], if given, is
+    that video's length in token frames (default: the last time index + 1).
     edits[i], if given, is a clean video [C, T, H, W] to edit (SDEdit): sampling starts from it noised to noise
     level `strength` (0: unchanged, 1: pure noise, the prompt decides everything) instead of from pure noise.
     """
@@ -50,8 +51,9 @@ def sample_videos(model, text_encoder, prompts: list[str], shapes: list[tuple[in
     videos = placeholders + (placeholders if guided else [])
     total = sum(v[0].numel() // (patch[0] * patch[1] * patch[2]) for v in videos)
     times = list(times) + (list(times) if guided else [])
+    lengths = list(lengths or [None] * n) * (2 if guided else 1)
     batch = pack(videos, texts, [fps] * len(videos), patch, total,
-                 cond_frames=masks + (masks if guided else []), times=times).to(device)
+                 cond_frames=masks + (masks if guided else []), times=times, lengths=lengths).to(device)
     token_dim = batch.tokens.shape[1]
 
     x = torch.zeros(batch.offsets[n] if guided else total, token_dim, device=device)
