@@ -139,6 +139,7 @@ def validate(cfg: Config) -> None:
                "multiple of 4")
     _check(m.time_embed in ("none", "relative"), "model.time_embed",
            f"must be none or relative, got {m.time_embed!r}")
+    _check(m.caption_time_gain > 0, "model.caption_time_gain", f"must be > 0, got {m.caption_time_gain}")
     _check(m.caption_time_scale in ("frames", "clip"), "model.caption_time_scale",
            f"must be frames or clip, got {m.caption_time_scale!r}")
     _check(m.pos_embed in ("none", "sincos"), "model.pos_embed", f"must be none or sincos, got {m.pos_embed!r}")

@@ -75,10 +75,13 @@ class ModelConfig:
     frame's conditioning (adaLN), so a frame knows where it sits in its clip (RoPE alone only tells attention
     relative offsets); shifting all of a sample's time indices still changes nothing."""
     caption_time: bool = False
-    """Add to each frame's conditioning (adaLN) a fixed sinusoid of its time times a linear map of its caption's
-    layer-normed mean token, scaled by 6, so the conditioning holds (caption x frame time) features at first
-    order: what "moving left" means for frame k. Without it the demo never learned the motion words; with it
-    the probe's opposite-direction gap is +0.07 at 2000 steps (README "Evaluation / measured")."""
+    """Add to each frame's conditioning (adaLN) a fixed sinusoid of its time times caption_time_gain x a linear
+    map of its caption's layer-normed mean token, so the conditioning holds (caption x frame time) features at
+    first order: what "moving left" means for frame k. Without it no model here learned the motion words; with
+    it, on 8-frame clips, the probe's opposite-direction gap was +0.07 at 2000 steps (README "Evaluation")."""
+    caption_time_gain: float = 6.0
+    """caption_time's scale on the caption's linear map: a word's share of the pooled caption is ~0.2 of its rms
+    (the rest is common to all captions), and x6 makes it order 1 (at x1 the motion words were not learned)."""
     caption_time_scale: str = "frames"
     """The time caption_time reads: frames (the frame's index counted from its sample's first frame) | clip (that
     index over the length of the clip the sample comes from, times 16: a frame halfway through a 4-frame or a

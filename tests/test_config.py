@@ -27,6 +27,8 @@ def test_shipped_recipes_load():
     (["model.rope_axes=per_attention", "model.hidden_size=72", "model.num_heads=4"], "model.rope_axes"),
     (["model.pos_embed=learned"], "model.pos_embed"),
     (["diffusion.prediction=noise"], "diffusion.prediction"),
+    (["model.caption_time_scale=seconds"], "model.caption_time_scale"),
+    (["model.caption_time_gain=0"], "model.caption_time_gain"),
     (["model.attention=full", "model.temporal_causal=true"], "model.temporal_causal"),
     (["model.attention_backend=cudnn"], "model.attention_backend"),
     (["data.frame_counts=[3]", "model.patch_size=[2,2,2]"], "data.frame_counts"),

@@ -16,9 +16,6 @@ from stdit.models.layers import Mlp, ScalarEmbedder, modulate, rope_tables, sinc
 from stdit.packing import PackedBatch
 
 
-CAPTION_TIME_GAIN = 6.0  # see STDiT.caption_time_features
-
-
 def frame_param(frame_mod: torch.Tensor, table: torch.Tensor, i: int, token_frame: torch.Tensor) -> torch.Tensor:
     """Modulation parameter i for every token: (per-frame adaLN-single output + block table)[token's frame], in
     the compute dtype (the fp32 table must not turn modulation, gates and residual into fp32 under autocast)."""
@@ -163,11 +160,10 @@ class STDiT(nn.Module):
     def caption_time_features(self, batch: PackedBatch) -> torch.Tensor:
         """[F, h] (caption x frame time): a fixed sinusoid of each frame's time (frequencies 1 to 1/100; the time
         is the frame's index from its sample's first frame, or with caption_time_scale=clip that index over its
-        clip's length, x16) times a linear map of its caption's layer-normed mean token. The x6 makes a word's
-        share of the pooled caption (~0.2 of its rms; the rest is common to all captions) order 1: at x1 the
-        probe's gap for the motion words was +0.003 after 2000 steps, at x6 +0.07 (README)."""
+        clip's length, x16) times model.caption_time_gain x a linear map of its caption's layer-normed mean token
+        (the gain: at x1 the probe's gap for the motion words was +0.003 after 2000 steps, at x6 +0.07; README)."""
         pooled = nn.functional.layer_norm(batch.caption.float(), batch.caption.shape[-1:])
-        caption = CAPTION_TIME_GAIN * self.caption_time(pooled.to(self.caption_time.weight.dtype))
+        caption = self.cfg.caption_time_gain * self.caption_time(pooled.to(self.caption_time.weight.dtype))
         time = batch.frame_time
         if self.cfg.caption_time_scale == "clip":
             time = 16 * time / (batch.clip_length - 1).clamp(min=1)[batch.frame_sample]
