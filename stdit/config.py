@@ -165,6 +165,8 @@ def validate(cfg: Config) -> None:
     _check(cfg.text.position_bias_scale == 1.0 or cfg.text.kind == "t5" or cfg.text.path is not None,
            "text.position_bias_scale", "scales the random T5 encoder's position bias: needs text.kind=t5")
     _check(0.0 <= cfg.diffusion.caption_dropout <= 1.0, "diffusion.caption_dropout", "must be in [0, 1]")
+    _check(cfg.diffusion.cfg_scale_given is None or cfg.diffusion.cfg_scale_given >= 1.0,
+           "diffusion.cfg_scale_given", "must be >= 1 (1: no guidance) or null (as diffusion.cfg_scale)")
     _check(cfg.diffusion.sample_steps >= 1, "diffusion.sample_steps", "must be >= 1")
     _check(d.source in ("synthetic", "shards"), "data.source", f"must be synthetic or shards, got {d.source!r}")
     _check(d.source != "shards" or len(d.shards) > 0, "data.shards", "data.source=shards needs shard paths")

@@ -503,13 +503,14 @@ def generate_long_clips(model, text_encoder, cfg, captions: list[str], hws: list
 def evaluate(run, out, n: int = 16, modes=DEFAULT_MODES, seed: int = 0, steps: int | None = None,
              cfg_scale: float | None = None, device: str = "auto", weights: str = "ema", batch: int = 8,
              progress: bool = False, long_n: int = 4, long_factors=LONG_FACTORS, strength: float = 0.7,
-             expand_prompt: str | None = None) -> dict:
+             expand_prompt: str | None = None, overrides=()) -> dict:
     """Generate n held-out clips per short mode (long_n per long-video scheme and length) with a run's weights,
     score them, write the report into `out` (results.json, results.md, contact_*.png, report.html, tb/) and return
     the results. A mode the run cannot do (e.g. later given frames for a causal model) is listed under `skipped`
     with the reason. With `expand_prompt` (a local instruct model) each short mode also runs on its captions
     expanded in the style of the run's training captions (stdit/prompt.py), scored against the same captions, as
-    mode `NAME+expanded`."""
+    mode `NAME+expanded`. `overrides` (key=value) change the run's sampling settings, e.g.
+    diffusion.cfg_scale_given=1."""
     from tqdm import tqdm
 
     from stdit.eval_report import write_report
@@ -524,7 +525,7 @@ def evaluate(run, out, n: int = 16, modes=DEFAULT_MODES, seed: int = 0, steps: i
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
     ckpt = find_checkpoint(Path(run))
-    model, text_encoder, cfg = load_for_generation(ckpt, device, weights)
+    model, text_encoder, cfg = load_for_generation(ckpt, device, weights, overrides)
     vae = None
     if cfg.model.vae is not None:
         from stdit.autoencoder import load_vae
@@ -535,7 +536,9 @@ def evaluate(run, out, n: int = 16, modes=DEFAULT_MODES, seed: int = 0, steps: i
     step = re.fullmatch(r"step_(\d+)", ckpt.name)
     window = training_window(cfg, ft)
     results = {"run": str(run), "checkpoint": str(ckpt), "step": int(step.group(1)) if step else 0, "n": n,
-               "seed": seed, "steps": steps, "cfg_scale": cfg_scale, "weights": weights, "strength": strength,
+               "seed": seed, "steps": steps, "cfg_scale": cfg_scale,
+               "cfg_scale_given": cfg.diffusion.cfg_scale_given,
+               "weights": weights, "strength": strength,
                "window": window, "long_n": long_n, "long_factors": long_factors, "modes": {}, "long": {},
                "skipped": {}}
     shown, shown_long = {}, {}

@@ -124,10 +124,16 @@ def check_memory(cfg, shape: tuple[int, int, int], device, factors=(1, 1), upsca
                 f"has {free / GIB:.3g} GiB free; lower {lower} or --upscale")
 
 
-def load_for_generation(run: str | Path, device: str = "auto", weights: str = "ema"):
-    """(model, text encoder, config) rebuilt from a checkpoint's resolved config and weights."""
+def sampling_overrides(args) -> list[str]:
+    """The config overrides a command's --cfg-scale-given asks for."""
+    return [] if args.cfg_scale_given is None else [f"diffusion.cfg_scale_given={args.cfg_scale_given}"]
+
+
+def load_for_generation(run: str | Path, device: str = "auto", weights: str = "ema", overrides=()):
+    """(model, text encoder, config) rebuilt from a checkpoint's resolved config and weights; `overrides`
+    (key=value) change sampling settings, e.g. diffusion.cfg_scale_given=1."""
     ckpt = find_checkpoint(Path(run))
-    cfg = load_config(ckpt / "config.yaml", [f"run.device={device}"])
+    cfg = load_config(ckpt / "config.yaml", [f"run.device={device}", *overrides])
     dev = resolve_device(cfg.run.device)
     text_encoder = TextEncoder.from_config(cfg.text).to(dev)
     model = build_model(cfg.model, text_encoder.dim)

@@ -175,6 +175,20 @@ def _column_ranks(batch: PackedBatch, f_cut: list[int], size: int) -> torch.Tens
     return (area[:, None] * before <= (place * col_len)[:, None]).sum(1)
 
 
+def dsp_frame_cut(batch: PackedBatch, size: int) -> list[int]:
+    """The frame indices where each cp rank's whole frames start, and the end: contiguous, balanced by tokens."""
+    return balanced_split(batch.cu_spatial.long().cpu().diff().tolist(), size)
+
+
+def cp_padding(batch: PackedBatch, size: int, mode: str) -> tuple[int, int]:
+    """(real tokens, token rows over all cp ranks) of the batch's cut: DSP pads every rank's frames to the
+    busiest rank's tokens (Ulysses' even slices add nothing to the packing's padding)."""
+    if size == 1 or mode == "ulysses":
+        return batch.num_real_tokens, batch.num_real_tokens
+    starts = batch.cu_spatial.long().cpu()[dsp_frame_cut(batch, size)]
+    return batch.num_real_tokens, size * int(starts.diff().max())
+
+
 def dsp_cut(batch: PackedBatch, rank: int, size: int) -> tuple[torch.Tensor, DSPBatch]:
     """DSP's cut of a packed batch (host tensors) for cp rank `rank`: the rows it holds in the frame layout
     (padding rows repeat a real row, out of the loss) and its view, with the ColumnPlan."""
@@ -182,7 +196,7 @@ def dsp_cut(batch: PackedBatch, rank: int, size: int) -> tuple[torch.Tensor, DSP
     perm, frame_sample = batch.temporal_perm[:n].cpu(), batch.frame_sample.cpu()
     # frame layout: whole frames, contiguous in the packed order, balanced by tokens
     frame_len = cu_s.diff()
-    f_cut = balanced_split(frame_len.tolist(), size)
+    f_cut = dsp_frame_cut(batch, size)
     starts = cu_s[f_cut]
     f0, f1, held = f_cut[rank], f_cut[rank + 1], int(starts[rank + 1] - starts[rank])
     rows = _pad_to(torch.arange(int(starts[rank]), int(starts[rank + 1])), int(starts.diff().max()), n - 1)

@@ -145,6 +145,10 @@ class DiffusionConfig:
     """Euler steps when sampling."""
     cfg_scale: float = 4.0
     """Classifier-free guidance scale when sampling (1: no guidance)."""
+    cfg_scale_given: float | None = None
+    """Guidance scale for samples with given frames (image-to-video, extensions, loops, connections, keyframes,
+    long videos' later chunks); None: cfg_scale. The given frames already fix the layout and the motion; strong
+    text guidance then draws the generated frames away from them (larger boundary jumps; README)."""
     prediction: str = "velocity"
     """What the network outputs: velocity (noise - x0) | x0 (the clean tokens; JiT, arXiv 2511.13720). Both train
     on the velocity error: with x0, v = (x_t - x0_hat) / t, i.e. the x0 error weighted by 1 / t^2 (t clamped at

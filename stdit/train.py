@@ -44,7 +44,7 @@ from stdit.models.stdit import build_model
 from stdit.models.text import TextEncoder
 from stdit.ops import resolve_backend
 from stdit.packing import to_device
-from stdit.parallelize import apply_compile, cp_cut, cp_mode, model_inputs, parallelize_stdit, plain_name
+from stdit.parallelize import apply_compile, cp_cut, cp_mode, cp_padding, model_inputs, parallelize_stdit, plain_name
 
 
 def lr_lambda(cfg: Config):
@@ -222,6 +222,9 @@ class Trainer:
         samples, plan = self.global_batch(step)
         micro, self.loss_tokens, stats = self.steps.build(step, plan, samples, self.dims.rank("dp"), self.dims.dp)
         items = [self.device_item(batch, draws) for batch, draws in micro]
+        if self.dims.cp > 1:  # DSP's balance of whole frames over the cp ranks, as padding of their rows
+            cuts = [cp_padding(batch, self.dims.cp, cp_mode(self.cfg)) for batch, _ in micro]
+            stats["cp_padding_fraction"] = 1.0 - sum(c[0] for c in cuts) / max(sum(c[1] for c in cuts), 1)
         if self.cfg.run.log_sample_ids:
             stats["sample_ids"] = plan.ids
         return items, stats
@@ -298,8 +301,9 @@ class Trainer:
              "tokens_seen": self.tokens_seen, "tokens_per_s": stats["tokens"] / dt, "step_time_s": dt,
              "padding_fraction": stats["padding_fraction"], "micro_batches": stats["micro_batches"],
              "samples": stats["samples"], "layout": self.dims.describe()}
-        if "sample_ids" in stats:
-            m["sample_ids"] = stats["sample_ids"]
+        for key in ("cp_padding_fraction", "sample_ids"):
+            if key in stats:
+                m[key] = stats[key]
         if self.cfg.model.compile:  # graphs compiled so far: it grows on a recompile (TORCH_LOGS=recompiles says why)
             m["compiled_graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         per_device = totals["model_flops"] / dt / self.dims.world_size

@@ -112,6 +112,32 @@ def test_conditioned_sampling_keeps_the_given_frames_and_uses_them():
         torch.testing.assert_close(again[1], plain[1])
 
 
+def test_samples_with_given_frames_take_their_own_guidance_scale():
+    """diffusion.cfg_scale_given: a sample with given frames is guided by it, one without by cfg_scale, in the same
+    call (packed samples are independent)."""
+    from stdit.config import ConfigError, validate
+    from stdit.diffusion.sampler import sample_videos
+    cfg = Config()
+    cfg.model = tiny_model_cfg()
+    model = randomize(STDiT(cfg.model, _TextStub.dim), std=0.05).eval()
+    shape = (4, 8, 8)
+    clean = rand_videos([shape], seed=3)[0]
+    given = [(clean, torch.tensor([True, False, False, False])), None]
+
+    def run(scale, given_scale):
+        d = copy.deepcopy(cfg.diffusion)
+        d.cfg_scale_given = given_scale
+        return sample_videos(model, _TextStub(), ["a", "b"], [shape, shape], cfg.model, d, steps=3,
+                             cfg_scale=scale, conditions=given)
+    mixed, plain, guided = run(3.0, 1.0), run(1.0, None), run(3.0, None)
+    torch.testing.assert_close(mixed[0], plain[0])   # given frames: scale 1
+    torch.testing.assert_close(mixed[1], guided[1])  # none: scale 3
+    assert not torch.allclose(guided[0], plain[0], atol=1e-4)
+    cfg.diffusion.cfg_scale_given = 0.5
+    with pytest.raises(ConfigError, match="diffusion.cfg_scale_given"):
+        validate(cfg)
+
+
 def test_condition_of_an_image_or_clip_through_the_causal_autoencoder(tmp_path):
     import numpy as np
     from PIL import Image

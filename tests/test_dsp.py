@@ -18,7 +18,7 @@ from parallel.context import balanced_split
 from stdit.config import Config
 from stdit.models.stdit import STDiT
 from stdit.packing import pack, token_counts
-from stdit.parallelize import dsp_cut
+from stdit.parallelize import cp_padding, dsp_cut
 
 # frames of 24, 9, 40 (an image larger than a quarter of the tokens), 8 and 10 tokens after 1x2x2 patches
 SHAPES = [(3, 8, 12), (1, 6, 6), (1, 10, 16), (4, 4, 8), (2, 10, 4)]
@@ -78,6 +78,10 @@ def test_plan_moves_every_token_to_its_temporal_column(size):
     cut_samples = {int(b.token_sample[rows[0]]) for rows, v in cuts[1:] if v.num_real_tokens} & \
         {int(b.token_sample[rows[v.num_real_tokens - 1]]) for rows, v in cuts[:-1] if v.num_real_tokens}
     assert moved < sum(math.prod(b.grids[s]) for s in cut_samples) or moved == 0, (moved, cut_samples)
+    # the trainer's cp padding (metrics.jsonl: cp_padding_fraction) is what the cut pads: every rank holds the
+    # busiest rank's rows
+    assert cp_padding(b, size, "dsp") == (b.num_real_tokens, size * max(len(rows) for rows, _ in cuts))
+    assert len({len(rows) for rows, _ in cuts}) == 1 and cp_padding(b, size, "ulysses")[1] == b.num_real_tokens
 
 
 class Counter:

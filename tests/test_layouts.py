@@ -67,7 +67,10 @@ def test_layout_matches_single_process(reference, nproc, layout, tmp_path, zygot
     assert len(losses) == len(ref_losses)
     for a, b in zip(losses, ref_losses):
         assert abs(a - b) <= 1e-4 * abs(b), (losses, ref_losses)
-    assert "layout" in json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    first = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert "layout" in first
+    assert ("cp_padding_fraction" in first) == ("parallel.cp=2" in layout)  # DSP's frame balance, as padding
+    assert 0 <= first.get("cp_padding_fraction", 0) < 1
     final = checkpoint.latest(tmp_path)
     assert final.name == "step_00000004"
     model, ema = checkpoint.read_weights(final, "model"), checkpoint.read_weights(final, "ema")

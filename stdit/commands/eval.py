@@ -9,6 +9,7 @@ from pathlib import Path
 
 from stdit.eval_report import markdown
 from stdit.evaluate import DEFAULT_MODES, LONG_FACTORS, MODES, evaluate, expand_modes
+from stdit.generate import sampling_overrides
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -29,6 +30,8 @@ def main(argv: list[str] | None = None) -> dict:
                     "in (0, 1] (default 0.7)")
     ap.add_argument("--steps", type=int, default=None, help="Euler steps (default: diffusion.sample_steps)")
     ap.add_argument("--cfg-scale", type=float, default=None, help="guidance scale (default: diffusion.cfg_scale)")
+    ap.add_argument("--cfg-scale-given", type=float, default=None, help="guidance scale for clips with given "
+                    "frames (default: diffusion.cfg_scale_given, else the guidance scale)")
     ap.add_argument("--seed", type=int, default=0, help="picks the held-out captions and the noise")
     ap.add_argument("--batch", type=int, default=8, help="clips per sampling call (short modes)")
     ap.add_argument("--weights", choices=["ema", "model"], default="ema")
@@ -52,11 +55,12 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error(f"--strength must be in (0, 1], got {args.strength}")
     if args.expand_prompt and not (Path(args.expand_prompt) / "config.json").is_file():
         ap.error(f"--expand-prompt {args.expand_prompt}: not a local transformers model folder (no config.json)")
+    overrides = sampling_overrides(args)
     try:
         results = evaluate(args.run, args.out, n=args.n, modes=modes, seed=args.seed, steps=args.steps,
                            cfg_scale=args.cfg_scale, device=args.device, weights=args.weights, batch=args.batch,
                            progress=True, long_n=args.long_n, long_factors=factors, strength=args.strength,
-                           expand_prompt=args.expand_prompt)
+                           expand_prompt=args.expand_prompt, overrides=overrides)
     except ValueError as e:
         ap.error(str(e))
     print(markdown(results), end="")

@@ -9,9 +9,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from stdit.config import clip_shapes
+from stdit.config import ConfigError, clip_shapes
 from stdit.data.video import IMAGE_SUFFIXES, to_uint8, write_video
-from stdit.generate import check_memory, generate, load_for_generation, read_clip
+from stdit.generate import check_memory, generate, load_for_generation, read_clip, sampling_overrides
 from stdit.grid import latent_shape, token_grid
 from stdit.longvideo import SCHEMES, describe, generate_long, schedule
 
@@ -27,6 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--fps", type=float, default=8.0)
     ap.add_argument("--steps", type=int, default=None, help="Euler steps (default: diffusion.sample_steps)")
     ap.add_argument("--cfg-scale", type=float, default=None, help="guidance scale (default: diffusion.cfg_scale)")
+    ap.add_argument("--cfg-scale-given", type=float, default=None, help="guidance scale with given frames "
+                    "(default: diffusion.cfg_scale_given, else the guidance scale)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--weights", choices=["ema", "model"], default="ema")
     ap.add_argument("--upscale", type=int, default=4, help="nearest-neighbour upscaling of the written video")
@@ -86,7 +88,11 @@ def main(argv: list[str] | None = None) -> Path:
     _checked(args, ap)
     mode = _mode(args, ap)
     expanded = _expand(args, ap) if args.expand_prompt else None
-    model, text_encoder, cfg = load_for_generation(args.run, args.device, args.weights)
+    overrides = sampling_overrides(args)
+    try:
+        model, text_encoder, cfg = load_for_generation(args.run, args.device, args.weights, overrides)
+    except ConfigError as e:
+        ap.error(f"--cfg-scale-given: {e}")
     shape, vae, factors = (args.frames, args.height, args.width), None, (1, 1)
     if cfg.model.vae is not None:  # the DiT denoises latents: sample the latent shape, then decode
         from stdit.autoencoder import load_vae

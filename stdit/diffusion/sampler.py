@@ -28,15 +28,19 @@ def sample_videos(model, text_encoder, prompts: list[str], shapes: list[tuple[in
     that video's length in token frames (default: the last time index + 1).
     edits[i], if given, is a clean video [C, T, H, W] to edit (SDEdit): sampling starts from it noised to noise
     level `strength` (0: unchanged, 1: pure noise, the prompt decides everything) instead of from pure noise.
+    cfg_scale (default diffusion.cfg_scale) guides the samples without given frames; those with given frames use
+    diffusion.cfg_scale_given (None: cfg_scale).
     """
     steps = steps or diffusion_cfg.sample_steps
     cfg_scale = diffusion_cfg.cfg_scale if cfg_scale is None else cfg_scale
-    guided = cfg_scale != 1.0
+    given_scale = cfg_scale if diffusion_cfg.cfg_scale_given is None else diffusion_cfg.cfg_scale_given
     device = next(model.parameters()).device
     patch = tuple(model_cfg.patch_size)
     n = len(prompts)
-    texts = text_encoder.encode(list(prompts) + ([""] * n if guided else []))
     conditions, times, edits = conditions or [None] * n, times or [None] * n, edits or [None] * n
+    scales = [cfg_scale if c is None or not bool(c[1].any()) else given_scale for c in conditions]
+    guided = any(s != 1.0 for s in scales)
+    texts = text_encoder.encode(list(prompts) + ([""] * n if guided else []))
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"strength={strength} must be in (0, 1]")
     for i, (s, c, e) in enumerate(zip(shapes, conditions, edits)):
@@ -76,6 +80,7 @@ def sample_videos(model, text_encoder, prompts: list[str], shapes: list[tuple[in
     given = batch.frame_cond[batch.token_frame[:x.shape[0]]]  # tokens of conditioning frames
     x[given] = batch.tokens[:x.shape[0]][given].float()
 
+    sample_scale = torch.tensor(scales, device=device)
     model.eval()
     ts = torch.linspace(1.0, 0.0, steps + 1, device=device)[:, None] * starts  # [steps + 1, samples]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -89,7 +94,8 @@ def sample_videos(model, text_encoder, prompts: list[str], shapes: list[tuple[in
                             diffusion_cfg)
         if guided:
             v_cond, v_uncond = v[:x.shape[0]], v[x.shape[0]:]
-            v = v_uncond + cfg_scale * (v_cond - v_uncond)
+            scale = sample_scale[batch.token_sample[:x.shape[0]]][:, None]
+            v = v_uncond + scale * (v_cond - v_uncond)
         dt = (t_next - t_cur)[batch.token_sample[:x.shape[0]]][:, None]
         x = x + dt * v * ~given[:, None]
         if progress is not None:
