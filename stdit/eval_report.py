@@ -191,7 +191,8 @@ def _html(results: dict, sheets: list[tuple[str, str]]) -> str:
     figures = "".join(f'<figure><img src="{esc(s)}" alt="contact sheet {esc(m)}"><figcaption>{esc(m)}: rows = '
                       f"clips, columns = frames</figcaption></figure>" for m, s in sheets)
     about = (f"run {esc(results['run'])}, step {results['step']}, {results['steps']} sampling steps, guidance "
-             f"{results['cfg_scale']} (with given frames {results.get('cfg_scale_given') or results['cfg_scale']}), seed {results['seed']}, {results['weights']} weights")
+             f"{results['cfg_scale']} (with given frames {results.get('cfg_scale_given') or results['cfg_scale']}), "
+             f"seed {results['seed']}, {results['weights']} weights")
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>stdit eval: {esc(results['run'])}</title>
 <style>body{{font-family:sans-serif;margin:1em}} .side{{display:flex;gap:2em;align-items:flex-start}}

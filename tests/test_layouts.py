@@ -20,7 +20,7 @@ from stdit.train import Trainer
 FAST = ["model.hidden_size=32", "model.depth=2", "model.num_heads=4", "data.resolutions=[[8,8],[8,16],[16,8]]",
         "data.frame_counts=[1,2,8]", "data.window=4", "data.max_span=6",
         "data.masks={none: 1.0, first_frame: 1.0, last_frames: 1.0, ends: 1.0, random_frames: 1.0}",
-        "data.batch_size=6", "data.token_budget=128", "data.num_samples=64",
+        "data.batch_size=6", "data.micro_batches=0", "data.token_budget=128", "data.num_samples=64",
         "text.hidden_size=16", "text.num_layers=1", "text.ff_size=32", "run.samples_at_end=0", "run.log_every=1",
         "optim.warmup_steps=2", "run.steps=4"]
 LAYOUTS = [  # (processes, overrides)

@@ -520,7 +520,7 @@ def test_generation_refuses_what_will_not_fit_in_memory_before_sampling(run4, tm
     line = _error(capsys, [*base, "--length", "100000", "--height", "2048", "--width", "2048"])
     assert "lower --length, --height, --width or --upscale" in line
     demo = load_config("recipes/tiny.yaml", [])
-    check_memory(demo, (8, 24, 24), "cpu", upscale=4)  # the README's demo request
+    check_memory(demo, (8, 16, 24), "cpu", upscale=4)  # the README's demo request
     check_memory(demo, (16, 256, 256), "cpu", upscale=4)
     monkeypatch.setattr(estimate, "available_bytes", lambda device: (10 ** 6, 10 ** 6))  # 1 MB free
     with pytest.raises(ValueError, match=r"sampling 8x24x24 .* needs about .* but cpu has 0.000931 GiB free"):

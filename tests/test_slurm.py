@@ -21,7 +21,8 @@ from stdit.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["model.hidden_size=32", "model.depth=2", "model.num_heads=4", "data.resolutions=[[8,8],[8,16],[16,8]]",
-        "data.frame_counts=[1,2,4]", "data.batch_size=6", "data.token_budget=128", "data.num_samples=64",
+        "data.frame_counts=[1,2,4]", "data.batch_size=6", "data.micro_batches=0", "data.token_budget=128",
+        "data.num_samples=64",
         "text.hidden_size=16", "text.num_layers=1", "text.ff_size=32", "run.samples_at_end=0", "run.log_every=1",
         "optim.warmup_steps=2", "checkpoint.every=0", "parallel.zero=1"]
 STEPS = 30  # ~10 steps/s: long enough that a signal sent after step 3 lands mid-run

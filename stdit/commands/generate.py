@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> Path:
     try:
         model, text_encoder, cfg = load_for_generation(args.run, args.device, args.weights, overrides)
     except ConfigError as e:
-        ap.error(f"--cfg-scale-given: {e}")
+        ap.error(f"{args.run}: {e}")
     shape, vae, factors = (args.frames, args.height, args.width), None, (1, 1)
     if cfg.model.vae is not None:  # the DiT denoises latents: sample the latent shape, then decode
         from stdit.autoencoder import load_vae
