@@ -115,7 +115,7 @@ def test_training_reads_the_new_captions(world, captioner, tmp_path):
     manifest = tmp_path / "out" / "captions.jsonl"
     new = {(r["shard"], r["key"]): r["caption"] for r in _lines(manifest)}
     cfg = load_config("recipes/tiny.yaml", ["data.source=shards", f"data.shards=[{pattern}]",
-                                            f"data.captions={manifest}", "data.batch_size=2",
+                                            f"data.captions={manifest}", "data.batch_size=2", "data.micro_batches=0",
                                             "data.resolutions=[[16,16]]", "data.frame_counts=[1]"])
     data = build_dataset(cfg.data, 0)
     for i in range(len(data)):

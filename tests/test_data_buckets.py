@@ -76,7 +76,8 @@ def test_stats_prints_the_histogram_and_the_packing_padding(shards, capsys):
     from stdit.cli import main
     from stdit.config import load_config
     from stdit.data.stats import bucket_stats
-    over = [f"data.buckets={BUCKETS}", "data.window=0", "data.batch_size=1", "data.token_budget=1536",
+    over = [f"data.buckets={BUCKETS}", "data.window=0", "data.batch_size=1", "data.micro_batches=0",
+            "data.token_budget=1536",
             "model.patch_size=[1,2,2]"]
     main(["data", "stats", shards, "--recipe", "recipes/tiny.yaml", *over])
     out = capsys.readouterr().out
@@ -121,7 +122,8 @@ def test_training_steps_on_buckets_with_a_caption_manifest(shards, tmp_path):
     (tmp_path / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = load_config("recipes/tiny.yaml", [
         "data.source=shards", f"data.shards=[{shards}]", f"data.buckets={BUCKETS}", "data.window=0",
-        f"data.captions={tmp_path / 'captions.jsonl'}", "data.batch_size=2", "data.token_budget=1536",
+        f"data.captions={tmp_path / 'captions.jsonl'}", "data.batch_size=2", "data.micro_batches=0",
+        "data.token_budget=1536",
         "model.hidden_size=32", "model.depth=1", "text.hidden_size=16", "text.num_layers=1", "text.ff_size=32",
         "run.samples_at_end=0", "run.steps=2", "run.log_every=1", f"run.dir={tmp_path / 'run'}"])
     data = build_dataset(cfg.data, 0)

@@ -75,7 +75,8 @@ def test_cached_training_matches_encoding_on_the_fly(sources, tmp_path):
     out = tmp_path / "cache"
     _cache_cli(sources, out)
     common = [*BUCKETS, f"model.vae={sources / 'vae'}", f"text.path={sources / 't5'}", "data.source=shards",
-              "data.batch_size=4", "data.token_budget=256", "model.hidden_size=32", "model.depth=1",
+              "data.batch_size=4", "data.micro_batches=0", "data.token_budget=256", "model.hidden_size=32",
+              "model.depth=1",
               "run.samples_at_end=0", "run.steps=1", "run.log_every=1", "run.log_sample_ids=true",
               "diffusion.caption_dropout=0.5", "data.masks={first_frame: 1.0}"]
     fly = load_config("recipes/tiny.yaml", [*common, f"data.shards=[{sources}/shards/shard-*.tar]",

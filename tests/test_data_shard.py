@@ -108,7 +108,8 @@ def test_training_reads_the_shards(media, tmp_path):
     src, good = media
     shard(src, tmp_path / "shards", progress=False)
     overrides = ["data.source=shards", f"data.shards=[{tmp_path}/shards/shard-*.tar]", "data.frame_counts=[1,2,4,8]",
-                 "data.resolutions=[[16,16],[16,24],[24,16]]", "data.batch_size=3", "data.token_budget=1024",
+                 "data.resolutions=[[16,16],[16,24],[24,16]]", "data.batch_size=3", "data.micro_batches=0",
+                 "data.token_budget=1024",
                  "model.hidden_size=32", "model.depth=1", "text.hidden_size=16", "text.num_layers=1",
                  "text.ff_size=32", "run.samples_at_end=0", "run.steps=2", "run.log_every=1", f"run.dir={tmp_path / 'run'}"]
     cfg = load_config("recipes/tiny.yaml", overrides)

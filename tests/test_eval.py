@@ -22,7 +22,8 @@ from stdit.evaluate import (DEFAULT_MODES, MODES, accuracies, check, chunk_spans
 from stdit.train import Trainer
 
 FAST = ["model.hidden_size=32", "model.depth=1", "data.resolutions=[[8,8],[8,16],[16,8]]", "data.frame_counts=[1,2,4]",
-        "data.batch_size=4", "data.token_budget=128", "data.num_samples=64", "text.hidden_size=16",
+        "data.batch_size=4", "data.micro_batches=0", "data.token_budget=128", "data.num_samples=64",
+        "text.hidden_size=16",
         "text.num_layers=1", "text.ff_size=32", "run.samples_at_end=0", "run.log_every=1", "optim.warmup_steps=2"]
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

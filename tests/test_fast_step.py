@@ -51,7 +51,8 @@ def test_micro_batch_loop_never_waits_for_the_gpu(tmp_path):
     if not fast:
         pytest.skip("no fast attention backend here (the reference kernel groups segments on the host)")
     cfg = load_config("recipes/tiny.yaml", FAST + [f"run.dir={tmp_path}", "run.device=cuda", "run.steps=3",
-                                                   f"model.attention_backend={fast[0]}", "data.batch_size=8"])
+                                                   f"model.attention_backend={fast[0]}", "data.batch_size=8",
+                                                   "data.micro_batches=0"])
     trainer = Trainer(cfg)
     trainer.train_step()  # first step: lazy initialisation (optimizer state, kernels, allocator)
     for step in (1, 2):

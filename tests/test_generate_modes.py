@@ -157,7 +157,8 @@ def test_cli_modes(tmp_path, capsys):
     from stdit.cli import main
     from stdit.data.video import read_video, write_video
     fast = ["model.hidden_size=32", "model.depth=2", "model.num_heads=4", "data.resolutions=[[8,8]]",
-            "data.frame_counts=[1,4]", "data.batch_size=2", "data.token_budget=64", "data.num_samples=8",
+            "data.frame_counts=[1,4]", "data.batch_size=2", "data.micro_batches=0", "data.token_budget=64",
+            "data.num_samples=8",
             "text.hidden_size=16", "text.num_layers=1", "text.ff_size=32", "run.samples_at_end=0"]
     run = tmp_path / "run"
     main(["train", "recipes/tiny.yaml", *fast, "run.steps=1", f"run.dir={run}"])

@@ -7,7 +7,8 @@ import pytest
 from tiny_hf import tiny_lm
 
 FAST = ["model.hidden_size=32", "model.depth=1", "model.num_heads=4", "data.resolutions=[[8,8]]",
-        "data.frame_counts=[1,4]", "data.batch_size=2", "data.token_budget=64", "data.num_samples=8",
+        "data.frame_counts=[1,4]", "data.batch_size=2", "data.micro_batches=0", "data.token_budget=64",
+        "data.num_samples=8",
         "text.hidden_size=16", "text.num_layers=1", "text.ff_size=32", "run.samples_at_end=0", "data.window=0"]
 
 

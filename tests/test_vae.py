@@ -14,7 +14,8 @@ from stdit.models.vae import VideoVAE
 
 SMALL = dict(base_channels=8, channel_mult=[1, 2, 2, 2], norm_groups=4, latent_channels=4)
 VAE_FAST = ["run.log_every=1", "run.samples_at_end=1", "data.num_samples=64",
-            "data.batch_size=4", "data.resolutions=[[16,16],[16,24],[24,16]]", "data.frame_counts=[1,5]",
+            "data.batch_size=4", "data.micro_batches=0", "data.resolutions=[[16,16],[16,24],[24,16]]",
+            "data.frame_counts=[1,5]",
             "vae.base_channels=8", "vae.norm_groups=4", "vae.stats_samples=8", "optim.warmup_steps=2"]
 
 
@@ -126,7 +127,7 @@ def test_dit_trains_in_the_latent_space_and_generates_pixels(vae_run, tmp_path):
     run = tmp_path / "dit"
     args = ["recipes/tiny_latent.yaml", f"model.vae={vae_run}", f"run.dir={run}", "run.steps=2", "run.log_every=1",
             "run.samples_at_end=1", "model.hidden_size=32", "model.depth=1", "text.hidden_size=16",
-            "text.num_layers=1", "text.ff_size=32", "data.num_samples=16", "data.batch_size=4",
+            "text.num_layers=1", "text.ff_size=32", "data.num_samples=16", "data.batch_size=4", "data.micro_batches=0",
             "data.resolutions=[[16,16],[16,32]]", "diffusion.sample_steps=2"]
     out = subprocess.run([sys.executable, "-m", "stdit.cli", "train", *args], capture_output=True, text=True,
                          timeout=600)
