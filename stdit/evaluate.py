@@ -537,8 +537,7 @@ def evaluate(run, out, n: int = 16, modes=DEFAULT_MODES, seed: int = 0, steps: i
     window = training_window(cfg, ft)
     results = {"run": str(run), "checkpoint": str(ckpt), "step": int(step.group(1)) if step else 0, "n": n,
                "seed": seed, "steps": steps, "cfg_scale": cfg_scale, "cfg_scale_given": cfg.diffusion.cfg_scale_given,
-               "weights": weights, "strength": strength,
-               "window": window, "long_n": long_n, "long_factors": long_factors, "modes": {}, "long": {},
+               "weights": weights, "strength": strength, "window": window, "long_n": long_n, "long_factors": long_factors, "modes": {}, "long": {},
                "skipped": {}}
     shown, shown_long = {}, {}
     frames = clip_frames(cfg, ft)

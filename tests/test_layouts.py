@@ -69,7 +69,8 @@ def test_layout_matches_single_process(reference, nproc, layout, tmp_path, zygot
         assert abs(a - b) <= 1e-4 * abs(b), (losses, ref_losses)
     first = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
     assert "layout" in first
-    assert ("cp_padding_fraction" in first) == ("parallel.cp=2" in layout)  # DSP's frame balance, as padding
+    cp = any(o.startswith("parallel.cp=") for o in layout)
+    assert ("cp_padding_fraction" in first) == cp  # DSP's frame balance over the cp ranks, as padding
     assert 0 <= first.get("cp_padding_fraction", 0) < 1
     final = checkpoint.latest(tmp_path)
     assert final.name == "step_00000004"

@@ -52,6 +52,7 @@ def losses(run_dir: Path) -> dict[int, float]:
 def test_submit_renders_the_script_for_the_allocation(tmp_path, capsys):
     run_dir = tmp_path / "x"
     code, script, err = stdit(capsys, "slurm", "submit", "recipes/tiny.yaml", "parallel.tp=2", f"run.dir={run_dir}",
+                              "data.micro_batches=4",
                               "--nodes", "2", "--gpus-per-node", "4", "--time", "4:00:00", "--partition", "gpu",
                               "--account", "vid", "--dry-run")
     assert code == 0, err
@@ -60,7 +61,7 @@ def test_submit_renders_the_script_for_the_allocation(tmp_path, capsys):
                  "#SBATCH --requeue", "#SBATCH --partition=gpu", "#SBATCH --account=vid",
                  f"#SBATCH --output={run_dir / 'slurm/%j.log'}", f"#SBATCH --chdir={ROOT}",
                  'export STDIT_LAUNCHER="torchrun"', 'export STDIT_PROCS_PER_NODE="4"',
-                 f"set -- recipes/tiny.yaml parallel.tp=2 run.dir={run_dir}"):
+                 f"set -- recipes/tiny.yaml parallel.tp=2 run.dir={run_dir} data.micro_batches=4"):
         assert line in script.splitlines(), line
     assert script.count("#SBATCH --nodes") == 1  # the template's defaults are replaced, not repeated
     assert "layout tp2.pp1.cp1.dp4.zero0 on 2 node(s) x 4 = 8 processes" in err
