@@ -202,7 +202,18 @@ def _train_dying_at_step_4(rank: int, argv: list[str]) -> None:
     cli(argv)
 
 
-def test_checkpoints_every_n_keep_the_newest_and_a_kill_while_writing_leaves_the_previous(tmp_path, zygote):
+@pytest.fixture
+def one_thread():
+    """One CPU thread, as in the forked runs: matmuls may sum in another order on another thread count (caption_time's
+    linear map did, by 1e-7), and the tests using this compare losses exactly."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_checkpoints_every_n_keep_the_newest_and_a_kill_while_writing_leaves_the_previous(tmp_path, zygote,
+                                                                                         one_thread):
     straight = Trainer(_cfg(tmp_path / "a", "run.steps=6")).train()
     run = tmp_path / "b"
     args = ["train", "recipes/tiny.yaml", *FAST, "model.depth=1", f"run.dir={run}", "run.steps=6",
