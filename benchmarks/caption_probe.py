@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from stdit.data.synthetic import COLOURS, SHAPES, SyntheticClips  # noqa: E402
 from stdit.diffusion.rectified_flow import sample_generator, velocity_of  # noqa: E402
-from stdit.evaluate import parse_caption  # noqa: E402
+from stdit.eval_measure import parse_caption  # noqa: E402
 from stdit.generate import load_for_generation  # noqa: E402
 from stdit.packing import pack, token_counts, unpack  # noqa: E402
 

@@ -197,6 +197,7 @@ def validate(cfg: Config) -> None:
            "replaces the captions of pixel shards (data.source=shards, data.cached=false); cached shards hold the "
            "captions they were encoded with")
     _check(d.window == 0 or d.window >= 2, "data.window", f"must be 0 (whole clips) or >= 2, got {d.window}")
+    _check(0.0 <= d.round_trips <= 1.0, "data.round_trips", f"must be in [0, 1], got {d.round_trips}")
     _check(d.max_span == 0 or d.max_span >= d.window, "data.max_span",
            f"must be 0 or >= data.window={d.window}, got {d.max_span}")
     from stdit.diffusion.masks import STRATEGIES

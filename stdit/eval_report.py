@@ -1,8 +1,8 @@
-"""The files `stdit eval` writes (stdit/evaluate.py measures): results.json, results.md, a contact sheet per mode
-(contact_MODE.png: a row per clip, a column per frame, given frames outlined in green) and per long-video scheme and
-length (contact_long_SCHEME_Fx.png: every s-th frame so a row fits, frames of chunks that went wrong outlined in
-red), TensorBoard scalars (tb/) and report.html, a static page with the tables beside the contact sheets that opens
-from disk without a server."""
+"""The files `stdit eval` writes (stdit/evaluate.py generates, stdit/eval_measure.py reads): results.json,
+results.md, a contact sheet per mode (contact_MODE.png: a row per clip, a column per frame, given frames outlined in
+green) and per long-video scheme and length (contact_long_SCHEME_Fx.png: every s-th frame so a row fits, frames of
+chunks that went wrong outlined in red), TensorBoard scalars (tb/) and report.html, a static page with the tables
+beside the contact sheets that opens from disk without a server."""
 from __future__ import annotations
 
 import html

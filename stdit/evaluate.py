@@ -1,16 +1,18 @@
 """`stdit eval`: does a model trained on the synthetic world (stdit/data/synthetic.py) follow its prompts and its
 given frames, in every generation mode and over long videos?
 
-Every synthetic clip is one shape of one palette colour moving one way over a background of another palette colour,
-so a caption can be checked from pixels alone: no learned metric, nothing that could share the model's mistakes.
-`measure` reads background colour, object colour, shape and motion direction off a clip; `evaluate` generates clips
-from held-out captions in each mode of MODES and scores them against their captions:
+Every synthetic clip is one shape of one palette colour moving one way (or out and back) over a background of
+another palette colour, so a caption can be checked from pixels alone: no learned metric, nothing that could share
+the model's mistakes. `measure` (stdit/eval_measure.py) reads background colour, object colour, shape and motion off
+a clip; `evaluate` generates clips from held-out captions in each mode of MODES and scores them against their
+captions:
 
 - short modes (t2v, t2i, i2v, extend_forward, extend_backward, loop, connect, keyframes, edit): the given frames come
   from a real held-out clip of the caption at their own times (stdit.conditioning.mode_givens + condition_for, so
   in latent space exactly as `stdit generate` gives them); only generated frames are scored; conditioned modes add
   `kept` (max abs error on given frames), the boundary jump ratio (change across given/generated boundaries over
-  the typical change between generated frames) and, for loop, the closure ratio (last -> first frame over typical);
+  the typical change between generated frames) and, for loop, the closure ratio (last -> first frame over typical;
+  asked of round trips where the run's world has them, data.round_trips);
 - long modes (long_autoregressive, long_long_range, long_hierarchical): videos of 2x, 4x, 8x the training window by
   stdit.longvideo.generate_long, every window-long chunk scored on its own.
 
@@ -24,201 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from stdit.conditioning import condition_for, mode_givens
-from stdit.data.synthetic import COLOURS, DIRECTIONS, SHAPES, SyntheticClips, _shape_mask
+from stdit.data.synthetic import SyntheticClips
+from stdit.eval_measure import CHANCE, accuracies, check, condition_metrics, loop_closure, parse_caption, score_clip
 from stdit.longvideo import SCHEMES
-
-NAMES = list(COLOURS)
-PALETTE = torch.tensor([COLOURS[c] for c in NAMES])  # [10, 3] RGB in [0, 1]
-# chance of a uniform guess; the object colour is never the background colour, so 1 of 9
-CHANCE = {"background": 1 / len(COLOURS), "object_colour": 1 / (len(COLOURS) - 1), "direction": 1 / len(DIRECTIONS),
-          "shape": 1 / len(SHAPES)}
-_ALT = "|".join
-_CAPTION = re.compile(rf"an? ({_ALT(COLOURS)}) ({_ALT(SHAPES)})(?: moving ({_ALT(DIRECTIONS)}))? "
-                      rf"on an? ({_ALT(COLOURS)}) background")
-
-
-def parse_caption(text: str) -> dict:
-    """{fg, shape, direction (None for a still), bg} of a caption of the synthetic grammar; ValueError otherwise."""
-    m = _CAPTION.fullmatch(text.strip())
-    if m is None:
-        raise ValueError(f"caption {text!r} is not of the synthetic grammar 'a|an FG SHAPE [moving DIR] on a BG "
-                         f"background' (colours {', '.join(COLOURS)}; shapes {', '.join(SHAPES)}; directions "
-                         f"{', '.join(DIRECTIONS)})")
-    fg, shape, direction, bg = m.groups()
-    return {"fg": fg, "shape": shape, "direction": direction, "bg": bg}
-
-
-def format_caption(fg: str, shape: str, direction: str | None, bg: str) -> str:
-    """The caption SyntheticClips writes for these attributes (the inverse of parse_caption)."""
-    article = "an" if fg[0] in "aeiou" else "a"
-    motion = f" moving {direction}" if direction else ""
-    return f"{article} {fg} {shape}{motion} on a {bg} background"
-
-
-def _rgb(video: torch.Tensor) -> torch.Tensor:
-    """[T, H, W, 3] float in [0, 1] from [3, T, H, W] float in [-1, 1] or uint8 [T, H, W, 3] (to_uint8, read_video)."""
-    if video.dtype == torch.uint8:
-        if video.ndim != 4 or video.shape[-1] != 3:
-            raise ValueError(f"a uint8 clip must be [T, H, W, 3], got {tuple(video.shape)}")
-        return video.float() / 255
-    if video.ndim != 4 or video.shape[0] != 3:
-        raise ValueError(f"a float clip must be [3, T, H, W] in [-1, 1], got {tuple(video.shape)}")
-    return ((video.detach().float().cpu().clamp(-1, 1) + 1) / 2).permute(1, 2, 3, 0)
-
-
-def _largest_components(mask: torch.Tensor) -> torch.Tensor:
-    """Per frame of a bool [T, H, W] mask, its largest 8-connected component: a speck of noise elsewhere in the
-    frame must not pull the object's centroid or change its outline. Labels spread by max-pooling until stable."""
-    t, h, w = mask.shape  # float32 ids (max_pool2d takes no ints) are exact up to 2**24 pixels
-    ids = torch.arange(1, t * h * w + 1, dtype=torch.float32).view(t, 1, h, w) * mask[:, None]
-    while True:
-        grown = F.max_pool2d(ids, 3, 1, 1) * mask[:, None]
-        if torch.equal(grown, ids):
-            break
-        ids = grown
-    ids = ids[:, 0]
-    out = torch.zeros_like(mask)
-    for k in range(t):
-        labels, counts = ids[k][mask[k]].unique(return_counts=True)
-        if len(labels):
-            out[k] = ids[k] == labels[counts.argmax()]
-    return out
-
-
-def _shape_of(blob: torch.Tensor) -> str:
-    """Shape of one frame's object mask [H, W]: the shape whose rendering by the generator's own rasteriser, fitted
-    to the blob's bounding box (every shape spans 2r x 2r), overlaps the blob best (intersection over union)."""
-    ys, xs = blob.nonzero(as_tuple=True)
-    y0, y1, x0, x1 = ys.min().item(), ys.max().item() + 1, xs.min().item(), xs.max().item() + 1
-    r = (y1 - y0 + x1 - x0) / 4
-    cy, cx = torch.tensor([(y0 + y1) / 2]), torch.tensor([(x0 + x1) / 2])
-    grid_y, grid_x = torch.arange(blob.shape[0]) + 0.5, torch.arange(blob.shape[1]) + 0.5
-
-    def iou(shape):
-        ideal = _shape_mask(shape, grid_y, grid_x, cy, cx, r)[0]
-        return (ideal & blob).sum() / (ideal | blob).sum()
-    return max(SHAPES, key=iou)
-
-
-def measure(video: torch.Tensor, skip: torch.Tensor | None = None, min_object: float = 0.005,
-            min_move: float = 1.0) -> dict:
-    """What a clip shows, read from pixels: {bg, fg, shape, direction, track}. Frames where the bool [T] `skip` is
-    True are not read (given frames: the model did not make them); the others keep their time indices.
-
-    bg: the most common nearest-palette colour over all read pixels (the object covers at most a quarter of a frame).
-    fg: the most common nearest-palette colour among the other pixels; "none" if they are under `min_object` of the
-    clip. shape: majority vote over frames of the outline of the largest fg-coloured blob. direction (clips of > 1
-    read frame): the sign of the dominant axis of the least-squares motion of that blob's centroid over time, "none"
-    when it moves less than `min_move` pixels. track: the centroids (y, x) per frame (None where no blob or skipped).
-    """
-    rgb = _rgb(video)
-    total = rgb.shape[0]
-    times = torch.arange(total) if skip is None else (~skip).nonzero()[:, 0]
-    if len(times) == 0:
-        raise ValueError("every frame is skipped: nothing to measure")
-    rgb = rgb[times]
-    labels = ((rgb[..., None, :] - PALETTE) ** 2).sum(-1).argmin(-1)  # [T, H, W] nearest palette colour
-    bg = int(torch.bincount(labels.flatten(), minlength=len(NAMES)).argmax())
-    other = labels[labels != bg]
-    result = {"bg": NAMES[bg], "fg": "none", "shape": "none", "direction": None, "track": [None] * total}
-    if rgb.shape[0] > 1:
-        result["direction"] = "none"
-    if other.numel() < max(min_object * labels.numel(), 1):
-        return result
-    fg = int(torch.bincount(other, minlength=len(NAMES)).argmax())
-    result["fg"] = NAMES[fg]
-    blobs = _largest_components(labels == fg)
-    present = [k for k in range(len(blobs)) if blobs[k].any()]
-    votes = [_shape_of(blobs[k]) for k in present]
-    result["shape"] = max(SHAPES, key=votes.count)
-    track = [None] * total
-    for k in present:
-        ys, xs = blobs[k].nonzero(as_tuple=True)
-        track[int(times[k])] = (ys.float().mean().item() + 0.5, xs.float().mean().item() + 0.5)
-    result["track"] = track
-    if len(present) >= 2:
-        ts = times[present].double()
-        pos = torch.tensor([track[int(times[k])] for k in present], dtype=torch.float64)  # [n, 2] (y, x)
-        tc = ts - ts.mean()
-        move = (tc[:, None] * (pos - pos.mean(0))).sum(0) / (tc ** 2).sum() * (ts[-1] - ts[0])  # (dy, dx) fitted
-        axis = int(move.abs().argmax())
-        if move[axis].abs() >= min_move:
-            step = [0, 0]
-            step[axis] = 1 if move[axis] > 0 else -1
-            result["direction"] = next(d for d, v in DIRECTIONS.items() if list(v) == step)
-    return result
-
-
-def check(got: dict, caption: str) -> dict:
-    """A measurement (measure's dict) checked against a caption: the measured fields plus {caption, expected,
-    *_ok}; direction_ok is None where the caption names no motion or a single frame was read."""
-    want = parse_caption(caption)
-    moving = want["direction"] is not None and got["direction"] is not None
-    return {"caption": caption, "expected": want, **{k: got[k] for k in ("bg", "fg", "shape", "direction")},
-            "bg_ok": got["bg"] == want["bg"], "fg_ok": got["fg"] == want["fg"],
-            "shape_ok": got["shape"] == want["shape"],
-            "direction_ok": got["direction"] == want["direction"] if moving else None}
-
-
-def score_clip(video: torch.Tensor, caption: str, skip: torch.Tensor | None = None) -> dict:
-    """check(measure(video, skip), caption): one clip scored against its caption."""
-    return check(measure(video, skip), caption)
-
-
-def accuracies(records: list[dict]) -> dict:
-    """Fraction correct of each measure over the records that have it (None where none has it) and their counts."""
-    out = {}
-    for name, key in (("background", "bg_ok"), ("object_colour", "fg_ok"), ("direction", "direction_ok"),
-                      ("shape", "shape_ok")):
-        marks = [r[key] for r in records if r[key] is not None]
-        out[name] = {"accuracy": sum(marks) / len(marks) if marks else None, "correct": sum(marks), "n": len(marks)}
-    return out
-
-
-def _changes(video: torch.Tensor) -> torch.Tensor:
-    """[T - 1] mean abs change between consecutive frames of a [3, T, H, W] clip ([-1, 1] units, clamped)."""
-    v = video.float().clamp(-1, 1)
-    return (v[:, 1:] - v[:, :-1]).abs().mean(dim=(0, 2, 3))
-
-
-def _typical(video: torch.Tensor, given: torch.Tensor | None) -> float | None:
-    """The median change between consecutive generated frames (both not given); None where no two are adjacent."""
-    diffs = _changes(video)
-    inside = torch.ones_like(diffs, dtype=torch.bool) if given is None else ~given[1:] & ~given[:-1]
-    return diffs[inside].median().item() if inside.any() else None
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b is not None and b > 1e-6 else None
-
-
-def condition_metrics(video: torch.Tensor, clip: torch.Tensor, given: torch.Tensor) -> dict:
-    """For a clip generated around given frames (bool [T] over pixel frames; `clip` holds the given frames at the
-    same positions): kept = max abs error on the given frames (0 when they are kept exactly); jump = mean abs
-    change across each given/generated boundary; typical = the median mean abs change between consecutive
-    generated frames; jump_ratio = jump / typical (~1 for a seamless clip, >> 1 at a cut; None when the generated
-    frames do not change). All in [-1, 1] pixel units."""
-    v, c = video.float().clamp(-1, 1), clip.float()
-    kept = (v[:, given] - c[:, given]).abs().max().item()
-    diffs = _changes(v)
-    boundary = given[1:] != given[:-1]
-    jump = diffs[boundary].mean().item() if boundary.any() else None
-    typical = _typical(v, given)
-    return {"kept": kept, "jump": jump, "typical": typical, "jump_ratio": _ratio(jump, typical)}
-
-
-def loop_closure(video: torch.Tensor, given: torch.Tensor | None = None) -> dict:
-    """How seamlessly a clip loops: closure = mean abs change from its last frame back to its first; closure_ratio
-    = closure / the typical change between consecutive generated frames (`given`: bool [T] of frames that were
-    given, left out of the typical change). ~1: the wrap is an ordinary step; >> 1: a visible jump."""
-    v = video.float().clamp(-1, 1)
-    closure = (v[:, 0] - v[:, -1]).abs().mean().item()
-    typical = _typical(v, given)
-    return {"closure": closure, "closure_typical": typical, "closure_ratio": _ratio(closure, typical)}
-
 
 # ---------------------------------------------------------------------------------------------------- the modes
 
@@ -228,7 +40,8 @@ MODES = {
     "i2v": "image to video: the held-out clip's first frame given at frame 0",
     "extend_forward": "the last k frames of a clip (one that ends where the held-out clip starts) begin the output",
     "extend_backward": "the first k frames of a clip (one that starts where the held-out clip ends) end the output",
-    "loop": "the clip's first frame given at frame 0 and one frame past the end (the end leads into the start)",
+    "loop": "the clip's first frame given at frame 0 and one frame past the end (the end leads into the start); "
+            "clips that go out and back where the world has them (data.round_trips)",
     "connect": "clip A's last k frames start the output, clip B's first k frames end it (A ends where the held-out "
                "clip starts, B starts where it ends: two clips of the same caption)",
     "keyframes": "2 frames of the held-out clip given at their own times (T/4 and 3T/4)",
@@ -280,12 +93,22 @@ def clip_frames(cfg, time_factor: int = 1) -> int:
     return t
 
 
-def held_out_clips(cfg, n: int, seed: int, frames: int) -> list:
-    """n synthetic clips (caption + real video) of `frames` frames at the run's resolutions. Their generator key
+def held_out_clips(cfg, n: int, seed: int, frames: int, round_trips: float | None = None) -> list:
+    """n synthetic clips (caption + real video) of `frames` frames at the run's resolutions, round trips among them
+    as in the run's world (data.round_trips) unless `round_trips` says otherwise. Their generator key
     `eval{seed}/{i}` is disjoint from training's `{run.seed}/{i}`, so none is a training clip (a caption may still
-    recur: the world has only 1440 of them); every mode draws the same captions."""
-    data = SyntheticClips(n, cfg.data.resolutions, [frames], cfg.data.fps_choices, seed=f"eval{seed}")
+    recur: the world has only 1440 one-way ones); every mode draws the same captions."""
+    round_trips = cfg.data.round_trips if round_trips is None else round_trips
+    data = SyntheticClips(n, cfg.data.resolutions, [frames], cfg.data.fps_choices, seed=f"eval{seed}",
+                          round_trips=round_trips)
     return [data[i] for i in range(n)]
+
+
+def mode_clips(cfg, mode: str, n: int, seed: int, frames: int) -> list:
+    """A mode's held-out clips: stills for t2i; round trips only for a loop where the run's world has them (a
+    one-way motion cannot close on itself); one-way clips only for long videos (every chunk moves)."""
+    trips = 0.0 if mode.startswith("long_") else 1.0 if mode == "loop" and cfg.data.round_trips > 0 else None
+    return held_out_clips(cfg, n, seed, 1 if mode == "t2i" else frames, trips)
 
 
 def edit_source(clip, seed: int, i: int):
@@ -537,14 +360,14 @@ def evaluate(run, out, n: int = 16, modes=DEFAULT_MODES, seed: int = 0, steps: i
     window = training_window(cfg, ft)
     results = {"run": str(run), "checkpoint": str(ckpt), "step": int(step.group(1)) if step else 0, "n": n,
                "seed": seed, "steps": steps, "cfg_scale": cfg_scale, "cfg_scale_given": cfg.diffusion.cfg_scale_given,
-               "weights": weights, "strength": strength, "window": window, "long_n": long_n, "long_factors": long_factors, "modes": {}, "long": {},
-               "skipped": {}}
+               "weights": weights, "strength": strength, "window": window, "long_n": long_n,
+               "long_factors": long_factors, "modes": {}, "long": {}, "skipped": {}}
     shown, shown_long = {}, {}
     frames = clip_frames(cfg, ft)
     for name in modes:
         if name.startswith("long_"):
             scheme = name[len("long_"):]
-            clips = held_out_clips(cfg, long_n, seed, frames)
+            clips = mode_clips(cfg, name, long_n, seed, frames)
             try:
                 for f in long_factors:
                     check_long(cfg, scheme, f * window, window)
@@ -564,7 +387,7 @@ def evaluate(run, out, n: int = 16, modes=DEFAULT_MODES, seed: int = 0, steps: i
                                                   "frames": videos[0].shape[1], "window": window, **r}
                 shown_long[name][f"{f}x"] = videos
             continue
-        clips = held_out_clips(cfg, n, seed, 1 if name == "t2i" else frames)
+        clips = mode_clips(cfg, name, n, seed, frames)
         try:
             cases = [mode_case(name, c, cfg, vae, seed, i) for i, c in enumerate(clips)]
         except ValueError as e:
@@ -582,6 +405,9 @@ def evaluate(run, out, n: int = 16, modes=DEFAULT_MODES, seed: int = 0, steps: i
                                   bar)
             results["modes"][f"{name}+expanded"] = score_mode(expanded, videos, name)
             shown[f"{name}+expanded"] = (videos, [c.given for c in cases])
+    if cfg.data.round_trips > 0:  # a uniform guess among the world's 8 motions: 4 ways, one way or out and back
+        for r in [*results["modes"].values(), *(x for by in results["long"].values() for x in by.values())]:
+            r["chance"] = {**r["chance"], "direction": CHANCE["direction"] / 2}
     write_report(Path(out), results, shown, shown_long)
     return results
 

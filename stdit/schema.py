@@ -171,6 +171,10 @@ class DataConfig:
     """Frame-count choices of the synthetic clips (1 = image)."""
     fps_choices: list[float] = field(default_factory=lambda: [8.0, 16.0])
     """fps choices of the synthetic clips."""
+    round_trips: float = 0.0
+    """data.source=synthetic: the fraction of moving clips that go out and come back ("a red square moving left and
+    back on a blue background": out in the first half, back in the second, the last frame where the first was);
+    without them the world has no motion a loop can be made of."""
     batch_size: int = 8
     """Samples per optimizer step (the global batch, whatever the parallel layout)."""
     token_budget: int = 2048

@@ -33,6 +33,7 @@ def test_shipped_recipes_load():
     (["model.attention_backend=cudnn"], "model.attention_backend"),
     (["data.frame_counts=[3]", "model.patch_size=[2,2,2]"], "data.frame_counts"),
     (["data.resolutions=[[15,16]]"], "data.resolutions"),
+    (["data.round_trips=1.5"], "data.round_trips"),
     (["parallel.zero=4"], "parallel.zero"),
     (["run.steps=abc"], "run.steps"),
 ])

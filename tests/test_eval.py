@@ -16,9 +16,10 @@ from stdit.cli import main as cli_main
 from stdit.config import load_config
 from stdit.data.synthetic import SyntheticClips
 from stdit.data.video import to_uint8
-from stdit.evaluate import (DEFAULT_MODES, MODES, accuracies, check, chunk_spans, clip_frames, condition_metrics,
-                            format_caption, held_out_clips, loop_closure, measure, mode_case, parse_caption,
-                            score_clip, score_long_mode, training_window)
+from stdit.eval_measure import (accuracies, check, condition_metrics, format_caption, loop_closure, measure,
+                                parse_caption, score_clip)
+from stdit.evaluate import (DEFAULT_MODES, MODES, chunk_spans, clip_frames, held_out_clips, mode_case, mode_clips,
+                            score_long_mode, training_window)
 from stdit.train import Trainer
 
 FAST = ["model.hidden_size=32", "model.depth=1", "data.resolutions=[[8,8],[8,16],[16,8]]", "data.frame_counts=[1,2,4]",
@@ -68,6 +69,24 @@ def test_evaluator_is_near_chance_with_shuffled_captions(clips, measured):
         records += [check(got, caption) for got, caption in zip(measured, captions)]
     acc = _acc(records)
     assert all(acc[k] <= 0.35 for k in MEASURES), acc
+
+
+def test_evaluator_reads_round_trips_and_each_mode_draws_its_clips():
+    """Out-and-back clips read as "DIR and back" (one-way ones of the same world as DIR), near chance shuffled; a
+    run whose world has round trips is asked loops of round trips only, long videos of one-way clips only."""
+    data = SyntheticClips(80, [(16, 16), (16, 24), (24, 16)], [4, 8, 16], [8.0], seed=6, round_trips=0.5)
+    clips = [data[i] for i in range(len(data))]
+    got = [measure(c.video) for c in clips]
+    assert 20 < sum(" and back " in c.caption for c in clips) < 60
+    assert _acc([check(g, c.caption) for g, c in zip(got, clips)])["direction"] >= 0.95
+    captions = [c.caption for c in clips]
+    random.Random(0).shuffle(captions)
+    assert _acc([check(g, c) for g, c in zip(got, captions)])["direction"] <= 0.3
+    cfg = load_config("recipes/tiny_long.yaml")
+    assert cfg.data.round_trips > 0
+    back = lambda mode: [" and back " in c.caption for c in mode_clips(cfg, mode, 16, 0, 8)]  # noqa: E731
+    assert all(back("loop")) and not any(back("long_hierarchical")) and 0 < sum(back("t2v")) < 16
+    assert all("moving" not in c.caption for c in mode_clips(cfg, "t2i", 4, 0, 8))
 
 
 def test_measure_takes_uint8_frames_and_skips_frames(clips):

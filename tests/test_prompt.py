@@ -19,7 +19,7 @@ def lm(tmp_path_factory):
 
 def test_expand_command_is_deterministic_and_shows_the_datas_style(lm, tmp_path, capsys):
     from stdit.cli import main
-    from stdit.evaluate import parse_caption
+    from stdit.eval_measure import parse_caption
     argv = ["prompt", "expand", "--model", str(lm), "--prompt", "a cat", "--prompt", "a dog", "--recipe",
             "recipes/tiny.yaml", "--device", "cpu", "--max-new-tokens", "6"]
     main([*argv, "--out", str(tmp_path / "a.json")])

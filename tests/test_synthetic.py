@@ -102,6 +102,35 @@ def test_shape_moves_in_the_named_direction():
     assert all(n > 0 for n in seen.values()), seen
 
 
+def _centroids(s, bg):
+    mask = (s.video != rgb(bg)[:, None, None, None]).any(0).float()  # non-background pixels [T, H, W]
+    area = mask.sum((1, 2))
+    ys, xs = torch.arange(mask.shape[1]).float()[None, :, None], torch.arange(mask.shape[2]).float()[None, None, :]
+    return (mask * ys).sum((1, 2)) / area, (mask * xs).sum((1, 2)) / area
+
+
+def test_round_trips_go_out_and_come_back_and_leave_other_clips_alone():
+    """A round trip's last frame is its first, its middle frame is far along the named direction; with
+    round_trips=0 the world is the one-way world, sample for sample."""
+    plain, trips = make(n=200, frames=(1, 8, 16)), SyntheticClips(200, RES, [1, 8, 16], [8.0, 16.0], seed=3,
+                                                                  round_trips=0.5)
+    assert all(torch.equal(plain[i].video, SyntheticClips(200, RES, [1, 8, 16], [8.0, 16.0], seed=3,
+                                                          round_trips=0.0)[i].video) for i in range(20))
+    back = [trips[i] for i in range(200) if " and back " in trips[i].caption]
+    moving = [trips[i] for i in range(200) if trips[i].video.shape[1] > 1]
+    assert 0.35 < len(back) / len(moving) < 0.65 and all(s.video.shape[1] > 1 for s in back)
+    for s in back[:30]:
+        fg, _, direction, bg = parse(s.caption)
+        assert torch.equal(s.video[:, 0], s.video[:, -1]), s.caption
+        cy, cx = _centroids(s, bg)
+        mid = s.video.shape[1] // 2
+        along = {"left": -(cx[mid] - cx[0]), "right": cx[mid] - cx[0], "up": -(cy[mid] - cy[0]),
+                 "down": cy[mid] - cy[0]}[direction]
+        assert along > 1, (s.caption, cy, cx)
+    with pytest.raises(ValueError, match="round_trips"):
+        SyntheticClips(4, RES, [1], [8.0], round_trips=1.5)
+
+
 def test_still_images_and_all_shapes_colours_occur():
     ds = SyntheticClips(400, [(32, 32)], [1], [8.0], seed=0)
     shapes, colours = set(), set()

@@ -128,7 +128,8 @@ def test_word_tokenizer_gives_each_synthetic_word_its_own_token():
     from stdit.data.synthetic import COLOURS, DIRECTIONS, SHAPES, SyntheticClips
     from stdit.models.text import WORD_VOCAB, build_tokenizer
     tok = build_tokenizer("word")
-    words = {w for i in range(300) for w in SyntheticClips(300, [[8, 8]], [1, 4], [8.0])[i].caption.split()}
+    data = SyntheticClips(300, [[8, 8]], [1, 4], [8.0], round_trips=0.5)
+    words = {w for i in range(300) for w in data[i].caption.split()}
     words |= set(COLOURS) | set(SHAPES) | set(DIRECTIONS)
     assert words <= set(WORD_VOCAB)
     assert WORD_VOCAB[:3] == ("[PAD]", "[EOS]", "[UNK]") and len(set(WORD_VOCAB)) == len(WORD_VOCAB)
@@ -144,6 +145,17 @@ def test_word_tokenizer_gives_each_synthetic_word_its_own_token():
     assert ids("A RED zebra") == [WORD_VOCAB.index("a"), WORD_VOCAB.index("red"), tok.unk_token_id, tok.eos_token_id]
     with pytest.raises(ValueError, match="text.tokenizer"):
         build_tokenizer("bpe")
+
+
+def test_a_new_word_leaves_the_word_encoder_unchanged(monkeypatch):
+    """Appending a word to the vocabulary must not change a trained run's frozen encoder (its random weights)."""
+    import stdit.models.text as text
+    caption = "a red square moving left and back on a blue background"
+    before = small("t5", tokenizer="word").encode([caption])[0]
+    monkeypatch.setattr(text, "WORD_VOCAB", text.WORD_VOCAB + ("sideways",))
+    after = small("t5", tokenizer="word")
+    assert torch.equal(after.encode([caption])[0], before)
+    assert after.tokenizer("sideways").input_ids[0] == len(text.WORD_VOCAB) - 1
 
 
 def test_word_encoder_is_seeded_and_separates_colours():

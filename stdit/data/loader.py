@@ -49,6 +49,7 @@ def build_dataset(data_cfg, seed: int):
         frame_counts=list(data_cfg.frame_counts),
         fps_choices=list(data_cfg.fps_choices),
         seed=seed,
+        round_trips=data_cfg.round_trips,
     )
 
 

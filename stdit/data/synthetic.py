@@ -35,8 +35,9 @@ def _shape_mask(shape: str, ys: torch.Tensor, xs: torch.Tensor, cy: torch.Tensor
 class SyntheticClips:
     """A deterministic dataset of captioned clips; sample i depends only on (seed, i), never on access order."""
 
-    def __init__(self, num_samples: int, resolutions, frame_counts, fps_choices, seed: int = 0):
-        self.num_samples, self.seed = int(num_samples), seed
+    def __init__(self, num_samples: int, resolutions, frame_counts, fps_choices, seed: int = 0,
+                 round_trips: float = 0.0):
+        self.num_samples, self.seed, self.round_trips = int(num_samples), seed, float(round_trips)
         self.resolutions = [tuple(int(x) for x in r) for r in resolutions]
         self.frame_counts, self.fps_choices = [int(t) for t in frame_counts], [float(f) for f in fps_choices]
         if self.num_samples < 0:
@@ -47,6 +48,8 @@ class SyntheticClips:
             raise ValueError(f"frame_counts must be a non-empty list of positive ints, got {frame_counts}")
         if not self.fps_choices or min(self.fps_choices) <= 0:
             raise ValueError(f"fps_choices must be a non-empty list of positive numbers, got {fps_choices}")
+        if not 0.0 <= self.round_trips <= 1.0:
+            raise ValueError(f"round_trips must be in [0, 1], got {round_trips}")
 
     def __len__(self) -> int:
         return self.num_samples
@@ -64,7 +67,8 @@ class SyntheticClips:
         return rng.choice(self.frame_counts), h, w
 
     def __getitem__(self, i: int) -> Sample:
-        """Render sample i: [3, T, H, W] float32 in [-1, 1] and a caption that names shape, colours and motion."""
+        """Render sample i: [3, T, H, W] float32 in [-1, 1] and a caption that names shape, colours and motion.
+        A round trip (a `round_trips` share of moving clips) goes out for the first half and back for the second."""
         rng = self._rng(i)
         h, w = rng.choice(self.resolutions)
         t = rng.choice(self.frame_counts)  # same first draws as shape_of
@@ -73,11 +77,14 @@ class SyntheticClips:
         bg, fg = rng.sample(sorted(COLOURS), 2)  # two distinct colours
         direction = rng.choice(sorted(DIRECTIONS))
         r = rng.uniform(0.15, 0.25) * min(h, w)
+        back = t > 1 and self.round_trips > 0 and rng.random() < self.round_trips  # no draw without round trips
         vy, vx = DIRECTIONS[direction]
         # the centre sweeps 80% of the room it has along the motion axis, so the shape stays in view; a still
         # image puts it at a random point of that sweep
         span_y, span_x = (h - 2 * r) * 0.8, (w - 2 * r) * 0.8
         progress = torch.linspace(0, 1, t) if t > 1 else torch.full((1,), rng.random())
+        if back:
+            progress = 1 - (2 * progress - 1).abs()
         y0 = h / 2 + rng.uniform(-0.2, 0.2) * h * (vy == 0)  # random offset across the motion axis only
         x0 = w / 2 + rng.uniform(-0.2, 0.2) * w * (vx == 0)
         cy = y0 + vy * span_y * (progress - 0.5)
@@ -86,7 +93,7 @@ class SyntheticClips:
         bg_c = torch.tensor(COLOURS[bg]) * 2 - 1
         fg_c = torch.tensor(COLOURS[fg]) * 2 - 1
         video = torch.where(mask[None], fg_c[:, None, None, None], bg_c[:, None, None, None])  # [3, T, H, W]
-        motion = f" moving {direction}" if t > 1 else ""
+        motion = f" moving {direction}{' and back' if back else ''}" if t > 1 else ""
         article = "an" if fg[0] in "aeiou" else "a"
         caption = f"{article} {fg} {shape}{motion} on a {bg} background"
         return Sample(sample_id=i, video=video.float().contiguous(), caption=caption, fps=fps)

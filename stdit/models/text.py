@@ -16,12 +16,16 @@ KINDS = ("t5", "clip")
 TOKENIZERS = ("byte", "word")
 # The word tokenizer's vocabulary: specials, then every word of the synthetic captions (stdit/data/synthetic.py).
 # Frozen: a word's id (hence its embedding) must never change, or a trained checkpoint's text encoder would; add
-# new words at the end only (tests/test_text.py checks that every synthetic caption word is here).
+# new words at the end only (tests/test_text.py checks that every synthetic caption word is here). The random
+# model has VOCAB_ROWS embedding rows whatever the vocabulary's size, so its weights (every random draw) stay the
+# same when a word is added.
 WORD_VOCAB = ("[PAD]", "[EOS]", "[UNK]",
               "a", "an", "on", "background", "moving",
               "red", "green", "blue", "yellow", "cyan", "magenta", "white", "black", "orange", "purple",
               "square", "circle", "triangle", "diamond",
-              "left", "right", "up", "down")
+              "left", "right", "up", "down",
+              "and", "back")
+VOCAB_ROWS = 64
 # checkpoint model types each kind's model class loads correctly (a mismatch would give garbage embeddings)
 _MODEL_TYPES = {"t5": ("t5", "mt5"), "clip": ("clip", "clip_text_model")}
 
@@ -48,7 +52,7 @@ def _random_model(kind: str, hidden_size, num_layers, num_heads, ff_size, max_le
     """A small model with the current torch RNG's weights, its ids matching `tokenizer`. T5's relative position
     bias is multiplied by `position_bias_scale` (see TextEncoder)."""
     import transformers as tf
-    vocab, pad, eos = len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id
+    vocab, pad, eos = max(len(tokenizer), VOCAB_ROWS), tokenizer.pad_token_id, tokenizer.eos_token_id
     if kind == "t5":
         config = tf.T5Config(vocab_size=vocab, d_model=hidden_size, d_kv=hidden_size // num_heads, d_ff=ff_size,
                              num_layers=num_layers, num_heads=num_heads, pad_token_id=pad, eos_token_id=eos,
