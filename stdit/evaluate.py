@@ -100,7 +100,7 @@ def held_out_clips(cfg, n: int, seed: int, frames: int, round_trips: float | Non
     recur: the world has only 1440 one-way ones); every mode draws the same captions."""
     round_trips = cfg.data.round_trips if round_trips is None else round_trips
     data = SyntheticClips(n, cfg.data.resolutions, [frames], cfg.data.fps_choices, seed=f"eval{seed}",
-                          round_trips=round_trips)
+                          round_trips=round_trips, round_trip_frames=cfg.data.window)
     return [data[i] for i in range(n)]
 
 

@@ -174,7 +174,9 @@ class DataConfig:
     round_trips: float = 0.0
     """data.source=synthetic: the fraction of moving clips that go out and come back ("a red square moving left and
     back on a blue background": out in the first half, back in the second, the last frame where the first was);
-    without them the world has no motion a loop can be made of."""
+    without them the world has no motion a loop can be made of. With data.window, only clips of at most that many
+    frames are round trips: a window of a longer one could not tell where it turns (the model reads time from the
+    sample's first frame)."""
     batch_size: int = 8
     """Samples per optimizer step (the global batch, whatever the parallel layout)."""
     token_budget: int = 2048

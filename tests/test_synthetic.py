@@ -111,7 +111,7 @@ def _centroids(s, bg):
 
 def test_round_trips_go_out_and_come_back_and_leave_other_clips_alone():
     """A round trip's last frame is its first, its middle frame is far along the named direction; with
-    round_trips=0 the world is the one-way world, sample for sample."""
+    round_trips=0 the world is the one-way world, sample for sample; round_trip_frames bounds their length."""
     plain, trips = make(n=200, frames=(1, 8, 16)), SyntheticClips(200, RES, [1, 8, 16], [8.0, 16.0], seed=3,
                                                                   round_trips=0.5)
     assert all(torch.equal(plain[i].video, SyntheticClips(200, RES, [1, 8, 16], [8.0, 16.0], seed=3,
@@ -127,6 +127,15 @@ def test_round_trips_go_out_and_come_back_and_leave_other_clips_alone():
         along = {"left": -(cx[mid] - cx[0]), "right": cx[mid] - cx[0], "up": -(cy[mid] - cy[0]),
                  "down": cy[mid] - cy[0]}[direction]
         assert along > 1, (s.caption, cy, cx)
+    short = SyntheticClips(200, RES, [8, 16], [8.0], seed=3, round_trips=0.5, round_trip_frames=8)
+    assert all(short[i].video.shape[1] == 8 for i in range(200) if " and back " in short[i].caption)
+    assert any(" and back " in short[i].caption for i in range(200))
+    from stdit.config import load_config
+    from stdit.data.loader import build_dataset
+    cfg = load_config("recipes/tiny_long.yaml")  # a run's round trips fit its training window
+    data = build_dataset(cfg.data, 0)
+    lengths = [data[i].video.shape[1] for i in range(100) if " and back " in data[i].caption]
+    assert lengths and max(lengths) <= cfg.data.window
     with pytest.raises(ValueError, match="round_trips"):
         SyntheticClips(4, RES, [1], [8.0], round_trips=1.5)
 

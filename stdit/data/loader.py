@@ -50,6 +50,7 @@ def build_dataset(data_cfg, seed: int):
         fps_choices=list(data_cfg.fps_choices),
         seed=seed,
         round_trips=data_cfg.round_trips,
+        round_trip_frames=data_cfg.window,
     )
 
 

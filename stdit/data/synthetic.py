@@ -36,8 +36,9 @@ class SyntheticClips:
     """A deterministic dataset of captioned clips; sample i depends only on (seed, i), never on access order."""
 
     def __init__(self, num_samples: int, resolutions, frame_counts, fps_choices, seed: int = 0,
-                 round_trips: float = 0.0):
+                 round_trips: float = 0.0, round_trip_frames: int = 0):
         self.num_samples, self.seed, self.round_trips = int(num_samples), seed, float(round_trips)
+        self.round_trip_frames = int(round_trip_frames)  # round trips only in clips of at most this many frames
         self.resolutions = [tuple(int(x) for x in r) for r in resolutions]
         self.frame_counts, self.fps_choices = [int(t) for t in frame_counts], [float(f) for f in fps_choices]
         if self.num_samples < 0:
@@ -68,7 +69,8 @@ class SyntheticClips:
 
     def __getitem__(self, i: int) -> Sample:
         """Render sample i: [3, T, H, W] float32 in [-1, 1] and a caption that names shape, colours and motion.
-        A round trip (a `round_trips` share of moving clips) goes out for the first half and back for the second."""
+        A round trip (a `round_trips` share of the moving clips of at most `round_trip_frames` frames, 0: of all)
+        goes out for the first half and back for the second."""
         rng = self._rng(i)
         h, w = rng.choice(self.resolutions)
         t = rng.choice(self.frame_counts)  # same first draws as shape_of
@@ -77,7 +79,8 @@ class SyntheticClips:
         bg, fg = rng.sample(sorted(COLOURS), 2)  # two distinct colours
         direction = rng.choice(sorted(DIRECTIONS))
         r = rng.uniform(0.15, 0.25) * min(h, w)
-        back = t > 1 and self.round_trips > 0 and rng.random() < self.round_trips  # no draw without round trips
+        fits = t > 1 and self.round_trips > 0 and (self.round_trip_frames == 0 or t <= self.round_trip_frames)
+        back = fits and rng.random() < self.round_trips  # no draw without round trips
         vy, vx = DIRECTIONS[direction]
         # the centre sweeps 80% of the room it has along the motion axis, so the shape stays in view; a still
         # image puts it at a random point of that sweep
