@@ -17,8 +17,8 @@ TOKENIZERS = ("byte", "word")
 # The word tokenizer's vocabulary: specials, then every word of the synthetic captions (stdit/data/synthetic.py).
 # Frozen: a word's id (hence its embedding) must never change, or a trained checkpoint's text encoder would; add
 # new words at the end only (tests/test_text.py checks that every synthetic caption word is here). The random
-# model has VOCAB_ROWS embedding rows whatever the vocabulary's size, so its weights (every random draw) stay the
-# same when a word is added.
+# model has VOCAB_ROWS embedding rows while the vocabulary fits in them, so its weights (every random draw) stay
+# the same when a word is added.
 WORD_VOCAB = ("[PAD]", "[EOS]", "[UNK]",
               "a", "an", "on", "background", "moving",
               "red", "green", "blue", "yellow", "cyan", "magenta", "white", "black", "orange", "purple",
